@@ -1,0 +1,1 @@
+"""The command tasks, one module per entity: thin bodies over the CRUD layer."""

@@ -1,0 +1,108 @@
+"""Every setting of the worker, read from the environment (and a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration for the worker, its CLI and Alembic; names match CONTRACT.md."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of PostgreSQL; unset: the embedded server"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Redis URL of the broker; unset: the embedded server"
+    )
+    result_backend: str | None = Field(
+        default=None, description="Where task results go; unset: the broker's Redis"
+    )
+    commands_queue: str = Field(default="commands", min_length=1)
+
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout: float = Field(default=30, gt=0)
+    db_pool_recycle: int = Field(default=1800, ge=-1)
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+    db_lock_timeout_ms: int = Field(default=10_000, ge=0)
+
+    broker_visibility_timeout: int = Field(
+        default=300,
+        ge=1,
+        description="Seconds before an unacknowledged command is delivered again",
+    )
+
+    # argon2id cost: the defaults are argon2-cffi's RFC 9106 "low memory" profile.
+    password_hash_time_cost: int = Field(default=3, ge=1)
+    password_hash_memory_kib: int = Field(default=65_536, ge=8)
+    password_hash_parallelism: int = Field(default=4, ge=1)
+
+    max_retries: int = Field(default=8, ge=0, description="Retries of a transient fault")
+    retry_backoff_max: float = Field(default=30, gt=0)
+    result_expires: int = Field(default=86_400, ge=60)
+    max_payload_bytes: int = Field(default=1_048_576, ge=1024)
+
+    flower_basic_auth: str | None = Field(default=None, repr=False)
+    flower_address: str = "127.0.0.1"
+    flower_port: int = 5555
+
+    data_dir: str = Field(default=".data", description="Where `run` keeps embedded servers")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()
+
+
+class NoServerError(RuntimeError):
+    """No URL is configured and no `python -m worker run` is serving this directory."""
+
+
+def running_servers_file(settings: Settings) -> str:
+    """Where `python -m worker run` records the URLs of its embedded servers."""
+    import os
+
+    return os.path.join(settings.data_dir, "servers.json")
+
+
+def _embedded_url(settings: Settings, key: str) -> str:
+    import json
+    import os
+
+    path = running_servers_file(settings)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        pid = int(recorded["pid"])
+        os.kill(pid, 0)
+        return str(recorded[key])
+    except (OSError, ValueError, KeyError) as error:
+        raise NoServerError(
+            f"{key.upper()} is not set and no `python -m worker run` is running in "
+            f"{os.path.abspath(settings.data_dir)}: set {key.upper()} "
+            "or start `python -m worker run`"
+        ) from error
+
+
+def database_url(settings: Settings | None = None) -> str:
+    """The PostgreSQL URL in force: DATABASE_URL, else the running embedded server's."""
+    settings = settings or get_settings()
+    return settings.database_url or _embedded_url(settings, "database_url")
+
+
+def broker_url(settings: Settings | None = None) -> str:
+    """The Redis URL in force: BROKER_URL, else the running embedded server's."""
+    settings = settings or get_settings()
+    return settings.broker_url or _embedded_url(settings, "broker_url")
+
+
+def result_backend_url(settings: Settings | None = None) -> str:
+    """Where results go: RESULT_BACKEND, else the broker's Redis."""
+    settings = settings or get_settings()
+    return settings.result_backend or broker_url(settings)

@@ -1,0 +1,74 @@
+"""One root exception; each rejection class maps to one dead-letter reason of the contract."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class WorkerError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class CommandRejected(WorkerError):
+    """A command that ends rejected: its message always starts with its reason."""
+
+    reason: ClassVar[str] = "rejected"
+
+    def __init__(self, detail: str = "") -> None:
+        # Celery rebuilds an exception from its args, so the reason lives in args[0] exactly once.
+        prefix = f"{self.reason}: "
+        message = detail if detail.startswith(prefix) else prefix + detail
+        super().__init__(message)
+
+    @property
+    def detail(self) -> str:
+        """The message without the reason prefix."""
+        return str(self.args[0]).removeprefix(f"{self.reason}: ")
+
+
+class Invalid(CommandRejected):
+    """The command fails validation."""
+
+    reason = "invalid"
+
+
+class NotFound(CommandRejected):
+    """The id, or a referenced id, does not exist."""
+
+    reason = "not_found"
+
+
+class Conflict(CommandRejected):
+    """A unique value is taken."""
+
+    reason = "conflict"
+
+
+class Stale(CommandRejected):
+    """`expected_version` did not match the stored version."""
+
+    reason = "stale"
+
+
+class RetriesExhausted(CommandRejected):
+    """A transient fault outlasted the retry policy."""
+
+    reason = "retries_exhausted"
+
+
+class UnknownCommand(CommandRejected):
+    """No task has this name."""
+
+    reason = "unknown_command"
+
+
+class Undecodable(CommandRejected):
+    """The message is not a JSON Celery message."""
+
+    reason = "undecodable"
+
+
+REJECTIONS: dict[str, type[CommandRejected]] = {
+    cls.reason: cls
+    for cls in (Invalid, NotFound, Conflict, Stale, RetriesExhausted, UnknownCommand, Undecodable)
+}
