@@ -30,6 +30,17 @@ def replayable_kwargs(kwargs: Any, password_hash: str | None) -> Any:
     return kept
 
 
+def storable(value: Any) -> Any:
+    """`value` with NUL characters (which PostgreSQL cannot store) shown as `\\u0000`."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
+    return value
+
+
 def record(
     session: Session,
     *,
@@ -42,12 +53,12 @@ def record(
 ) -> int:
     """Insert a dead letter and return its id."""
     letter = DeadLetter(
-        command_id=command_id,
-        task=task,
+        command_id=storable(command_id),
+        task=storable(task),
         reason=reason,
-        error=error[:4000],
-        kwargs=kwargs,
-        raw_body=raw_body[:RAW_BODY_LIMIT] if raw_body is not None else None,
+        error=storable(error[:4000]),
+        kwargs=storable(kwargs),
+        raw_body=storable(raw_body[:RAW_BODY_LIMIT]) if raw_body is not None else None,
     )
     session.add(letter)
     session.flush()

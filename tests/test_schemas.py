@@ -1,0 +1,120 @@
+"""The command payloads: the contract's field rules, and errors that never echo input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.errors import Invalid
+from worker.schemas import (
+    CreateCommand,
+    DeleteCommand,
+    PostCreate,
+    PostUpdate,
+    TagCreate,
+    UpdateCommand,
+    UserCreate,
+    UserUpdate,
+    parse,
+)
+
+GOOD_USER = {"username": "alice", "email": "alice@example.com", "password": "correct horse"}
+
+
+def rejected(model: type[Any], value: object) -> str:
+    with pytest.raises(Invalid) as caught:
+        parse(model, value, "data")
+    message = str(caught.value)
+    assert message.startswith("invalid: ")
+    return message
+
+
+def test_a_valid_user_is_accepted_and_its_password_is_hidden_in_repr() -> None:
+    user = parse(UserCreate, GOOD_USER)
+    assert user.username == "alice"
+    assert user.is_active is True
+    assert "correct horse" not in repr(user)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"username": ""}, "username"),
+        ({"username": "u" * 51}, "username"),
+        ({"email": "not-an-email"}, "email"),
+        ({"email": "a" * 95 + "@x.com"}, "email"),
+        ({"password": "short"}, "password"),
+        ({"password": "p" * 129}, "password"),
+        ({"password": 12345678}, "password"),
+        ({"is_active": "yes"}, "is_active"),
+        ({"username": "nul\x00byte"}, "username"),
+        ({"role": "admin"}, "role"),
+    ],
+)
+def test_a_user_breaking_a_field_rule_is_invalid_and_names_the_field(
+    change: dict[str, Any], field: str
+) -> None:
+    message = rejected(UserCreate, {**GOOD_USER, **change})
+    assert f"data.{field}" in message
+
+
+def test_an_error_message_never_contains_the_password() -> None:
+    secret = "hunter2-but-longer-than-128" * 10
+    message = rejected(UserCreate, {**GOOD_USER, "password": secret, "email": "bad"})
+    assert secret not in message
+    assert "hunter2" not in message
+
+
+def test_a_user_needs_a_password() -> None:
+    assert "password is required" in rejected(UserCreate, {"username": "a", "email": "a@b.co"})
+
+
+def test_a_stored_hash_stands_in_for_a_password_but_anything_else_does_not() -> None:
+    hashed = "$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+    user = parse(UserCreate, {"username": "a", "email": "a@b.co", "password_hash": hashed})
+    assert user.password_hash == hashed
+    assert "password_hash" in rejected(
+        UserCreate, {"username": "a", "email": "a@b.co", "password_hash": "plain"}
+    )
+
+
+def test_an_update_must_change_something_and_may_not_null_a_required_field() -> None:
+    assert "at least one field" in rejected(UserUpdate, {})
+    assert "username may not be null" in rejected(UserUpdate, {"username": None})
+    assert "title may not be null" in rejected(PostUpdate, {"title": None})
+    assert parse(PostUpdate, {"content": None}).model_fields_set == {"content"}
+
+
+def test_post_rules() -> None:
+    post = parse(PostCreate, {"title": "t", "author_id": 1, "tags": ["a", "b"]})
+    assert post.tags == ["a", "b"]
+    assert "title" in rejected(PostCreate, {"title": "", "author_id": 1})
+    assert "title" in rejected(PostCreate, {"title": "x" * 201, "author_id": 1})
+    assert "author_id" in rejected(PostCreate, {"title": "t", "author_id": "1"})
+    assert "tags.0" in rejected(PostCreate, {"title": "t", "author_id": 1, "tags": [""]})
+    assert "tags" in rejected(PostCreate, {"title": "t", "author_id": 1, "tags": ["t"] * 101})
+
+
+def test_tag_rules() -> None:
+    assert parse(TagCreate, {"name": "🐍 python"}).name == "🐍 python"
+    assert "name" in rejected(TagCreate, {"name": "x" * 51})
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "field"),
+    [
+        (CreateCommand, {"data": {}, "command_id": ""}, "command_id"),
+        (CreateCommand, {"data": {}, "command_id": "k" * 129}, "command_id"),
+        (CreateCommand, {"data": {}, "extra": 1}, "extra"),
+        (CreateCommand, {}, "data"),
+        (UpdateCommand, {"id": "7", "data": {}}, "id"),
+        (UpdateCommand, {"id": 0, "data": {}}, "id"),
+        (UpdateCommand, {"id": 1, "data": {}, "expected_version": 0}, "expected_version"),
+        (DeleteCommand, {"id": 2**40}, "id"),
+        (DeleteCommand, {"id": 1, "data": {}}, "data"),
+    ],
+)
+def test_keyword_arguments_are_checked_too(model: type[Any], kwargs: object, field: str) -> None:
+    with pytest.raises(Invalid, match=field):
+        parse(model, kwargs)
