@@ -1,0 +1,90 @@
+"""Celery protocol 2 messages as kombu's Redis transport stores them: encode and decode."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from worker.security import redact
+
+JSON = "application/json"
+
+
+def encode(
+    task: str,
+    kwargs: dict[str, Any],
+    *,
+    queue: str = "commands",
+    task_id: str | None = None,
+    args: list[Any] | None = None,
+) -> bytes:
+    """A message as `send_task` would put it on the queue list (secrets left out of reprs)."""
+    task_id = task_id or str(uuid.uuid4())
+    body = json.dumps([args or [], kwargs, {"callbacks": None, "errbacks": None,
+                                            "chain": None, "chord": None}])
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": JSON,
+        "headers": {
+            "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
+            "expires": None, "group": None, "group_index": None, "retries": 0,
+            "timelimit": [None, None], "root_id": task_id, "parent_id": None,
+            "argsrepr": repr(redact(args or [])), "kwargsrepr": repr(redact(kwargs)),
+            "origin": "worker.protocol", "ignore_result": False,
+        },
+        "properties": {
+            "correlation_id": task_id, "reply_to": None, "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(envelope).encode()
+
+
+class UndecodableMessage(ValueError):
+    """A queue item that is not a JSON Celery protocol-2 message."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded command message."""
+
+    task_id: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    delivery_tag: str
+    headers: dict[str, Any]
+
+
+def decode(raw: bytes | str) -> Message:
+    """The message in `raw`, or `UndecodableMessage` saying why it is not one (never unpickles)."""
+    try:
+        envelope = json.loads(raw)
+        if not isinstance(envelope, dict):
+            raise UndecodableMessage("the queue item is not a JSON object")
+        content_type = envelope.get("content-type")
+        if content_type != JSON:
+            raise UndecodableMessage(f"content type {content_type!r} is not accepted")
+        properties, headers = envelope["properties"], envelope["headers"]
+        body = envelope["body"]
+        if properties.get("body_encoding") == "base64":
+            body = base64.b64decode(body, validate=True)
+        payload = json.loads(body)
+        if not (isinstance(payload, list) and len(payload) >= 2):
+            raise UndecodableMessage("the body is not [args, kwargs, embed]")
+        args, kwargs = payload[0], payload[1]
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise UndecodableMessage("args must be a list and kwargs an object")
+        return Message(
+            task_id=str(headers["id"]), task=str(headers["task"]), args=args, kwargs=kwargs,
+            delivery_tag=str(properties["delivery_tag"]), headers=headers,
+        )
+    except UndecodableMessage:
+        raise
+    except (ValueError, KeyError, TypeError) as error:
+        raise UndecodableMessage(f"not a Celery protocol-2 JSON message: {error}") from None
