@@ -60,6 +60,9 @@ def configure(app: Celery, settings: Settings) -> None:
     queue = settings.commands_queue
     app.conf.update(
         broker_url=broker or "memory://",
+        # The atomic fetch; "memory://" (eager tests, no broker) keeps kombu's own transport.
+        broker_transport="worker.transport:Transport" if broker else None,
+        worker_consumer="worker.intake:Consumer",
         result_backend=backend or "cache+memory://",
         task_serializer="json",
         result_serializer="json",
@@ -82,6 +85,10 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout,
+            "max_message_bytes": settings.max_payload_bytes,
+            # Look for the messages of dead workers often, not every 100 s.
+            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
             "socket_timeout": 10,
             "socket_connect_timeout": 10,
             "socket_keepalive": True,
@@ -109,6 +116,13 @@ def _refuse_without_broker(**_: Any) -> None:
     reason = app.conf.get("worker_unconfigured_reason")
     if reason:
         raise SystemExit(f"error: {reason}; set BROKER_URL and DATABASE_URL")
+
+
+@signals.worker_init.connect
+def _record_quarantined_messages(**_: Any) -> None:
+    from worker import intake, transport
+
+    transport.set_quarantine_handler(intake.record_queue_item)
 
 
 @signals.worker_process_init.connect

@@ -21,6 +21,7 @@ from worker.db import transaction
 from worker.errors import CommandRejected, Conflict, Invalid, NotFound, RetriesExhausted
 from worker.schemas import CommandResult, parse
 from worker.security import hash_password
+from worker.transport import DELIVERY_COUNT_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,12 @@ def execute(task: CommandTask, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     key = idempotency_key(kwargs, task.request.id)
     password_hash: str | None = None
     try:
+        deliveries = int(getattr(task.request, DELIVERY_COUNT_HEADER, None) or 0)
+        if deliveries > get_settings().max_deliveries:
+            # Every earlier delivery ended with its worker gone: stop the loop here.
+            raise RetriesExhausted(
+                f"delivered {deliveries} times without finishing (its worker died each time)"
+            )
         envelope, data, password_hash = _prepare(spec, args, kwargs)
         assert key is not None
         with transaction() as session:

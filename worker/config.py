@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     password_hash_parallelism: int = Field(default=4, ge=1)
 
     max_retries: int = Field(default=8, ge=0, description="Retries of a transient fault")
+    max_deliveries: int = Field(
+        default=5, ge=1, description="Deliveries of one message before it is a dead letter"
+    )
     retry_backoff_max: float = Field(default=30, gt=0)
     result_expires: int = Field(default=86_400, ge=60)
     max_payload_bytes: int = Field(default=1_048_576, ge=1024)

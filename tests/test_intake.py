@@ -1,0 +1,164 @@
+"""Bad input of every kind ends as a dead letter, and the worker keeps consuming."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from tests.conftest import WorkerProcess
+from worker.protocol import encode
+from worker.transport import deliveries_key
+
+pytestmark = pytest.mark.integration
+
+
+class Marker:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def letters(url: str) -> list[Any]:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        found = list(connection.execute(text(
+            "SELECT command_id, task, reason, error, kwargs, raw_body FROM dead_letters "
+            "ORDER BY id")))
+    engine.dispose()
+    return found
+
+
+def wait_for(url: str, count: int, timeout: float = 30) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = letters(url)
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} dead letters, have {letters(url)}")
+
+
+def tag_applied(url: str, name: str, timeout: float = 30) -> None:
+    engine = create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                if connection.execute(text("SELECT 1 FROM tags WHERE name = :n"),
+                                      {"n": name}).first():
+                    return
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"tag {name} was not applied")
+
+
+@pytest.fixture
+def queue(broker_url: str, worker_process: WorkerProcess,
+          clean_database: str) -> redis.Redis:
+    return redis.Redis.from_url(broker_url)
+
+
+def push_then_check_alive(queue: redis.Redis, database_url: str, raw: bytes) -> None:
+    """Put `raw` on the queue, then a good command after it, which must still be applied."""
+    queue.lpush("commands", raw)
+    name = f"alive-{uuid.uuid4().hex[:8]}"
+    queue.lpush("commands", encode("tags.create", {"data": {"name": name}}))
+    tag_applied(database_url, name)
+
+
+def test_garbage_on_the_queue_is_an_undecodable_dead_letter(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    push_then_check_alive(queue, clean_database, b'garbage {"password": "hunter22"')
+    (letter,) = wait_for(clean_database, 1)
+    assert letter.reason == "undecodable" and letter.command_id is None
+    assert "garbage" in letter.raw_body
+    assert "hunter22" not in letter.raw_body
+
+
+def test_a_json_value_that_is_no_envelope_is_undecodable(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    push_then_check_alive(queue, clean_database, b'{"headers": {}}')
+    push_then_check_alive(queue, clean_database, b"[1, 2, 3]")
+    assert [letter.reason for letter in wait_for(clean_database, 2)] == ["undecodable"] * 2
+
+
+def test_a_pickle_is_never_unpickled(
+    queue: redis.Redis, clean_database: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    message = json.loads(encode("tags.create", {"data": {"name": "x"}}))
+    message["content-type"] = "application/x-python-serialize"
+    message["content-encoding"] = "binary"
+    payload = pickle.dumps(((), {"data": Marker(str(marker))}, {}))
+    message["body"] = base64.b64encode(payload).decode()
+    push_then_check_alive(queue, clean_database, json.dumps(message).encode())
+    (letter,) = wait_for(clean_database, 1)
+    assert letter.reason == "undecodable"
+    assert "application/x-python-serialize" in letter.error
+    assert not marker.exists()
+
+
+def test_an_unknown_task_is_a_dead_letter_without_its_password(
+    queue: redis.Redis, clean_database: str, worker_process: WorkerProcess
+) -> None:
+    secret = "unknown-task-secret-77"
+    raw = encode("users.explode", {"data": {"password": secret}, "command_id": "boom-1"})
+    push_then_check_alive(queue, clean_database, raw)
+    (letter,) = wait_for(clean_database, 1)
+    assert (letter.reason, letter.task, letter.command_id) == (
+        "unknown_command", "users.explode", "boom-1")
+    assert secret not in json.dumps(letter.kwargs) and secret not in letter.raw_body
+    assert secret not in worker_process.log_text()
+
+
+def test_a_message_over_the_size_limit_is_invalid_without_being_parsed(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    raw = encode("tags.create", {"data": {"name": "x" * 2_000_000}})
+    push_then_check_alive(queue, clean_database, raw)
+    (letter,) = wait_for(clean_database, 1)
+    assert letter.reason == "invalid"
+    assert "exceeds the limit" in letter.error
+    assert len(letter.raw_body) <= 64 * 1024
+
+
+def test_a_message_delivered_too_often_ends_as_retries_exhausted(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    raw = encode("tags.create", {"data": {"name": "poison"}, "command_id": "poison-1"})
+    tag = json.loads(raw)["properties"]["delivery_tag"]
+    # As if five workers had died running it: the next delivery is the sixth.
+    queue.hset(deliveries_key("commands"), tag, 5)
+    push_then_check_alive(queue, clean_database, raw)
+    (letter,) = wait_for(clean_database, 1)
+    assert (letter.reason, letter.command_id) == ("retries_exhausted", "poison-1")
+    assert queue.hget(deliveries_key("commands"), tag) is None
+
+
+def test_nothing_is_left_unacknowledged_after_the_work(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    push_then_check_alive(queue, clean_database, b"garbage")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (queue.hlen("unacked") or queue.zcard("unacked_index")):
+        time.sleep(0.05)
+    assert queue.hlen("unacked") == 0 and queue.zcard("unacked_index") == 0
+    assert queue.llen("commands") == 0
+    assert queue.llen("commands.quarantine") == 0
+    assert queue.hlen(deliveries_key("commands")) == 0

@@ -1,0 +1,226 @@
+"""A kombu Redis transport that never holds a message outside Redis, and bounds redeliveries.
+
+Stock kombu takes a message with BRPOP and records it as unacknowledged in a second step,
+so a worker killed between the two loses it (FINDINGS.md). Here the consumer blocks with
+`BLMOVE q q RIGHT RIGHT` (which waits for a message without removing it), then one Lua
+script pops the message and records it in kombu's unacked hash and index, atomically. The
+same script counts deliveries per message and sets aside items that are not JSON envelopes
+or exceed the size limit in a quarantine list, from which they become dead letters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import loads
+
+logger = logging.getLogger(__name__)
+
+DELIVERY_COUNT_HEADER = "x_delivery_count"
+
+# KEYS: queue, unacked hash, unacked index, deliveries hash, quarantine list
+# ARGV: now, max bytes
+# Returns nil (empty), {"quarantined"} or {"ok", item, deliveries}.
+TAKE_SCRIPT = """
+local item = redis.call('RPOP', KEYS[1])
+if not item then return nil end
+if string.len(item) > tonumber(ARGV[2]) then
+  redis.call('LPUSH', KEYS[5], item)
+  return {'quarantined'}
+end
+local ok, message = pcall(cjson.decode, item)
+if not ok or type(message) ~= 'table' or type(message['properties']) ~= 'table'
+   or type(message['properties']['delivery_tag']) ~= 'string'
+   or type(message['properties']['delivery_info']) ~= 'table' then
+  redis.call('LPUSH', KEYS[5], item)
+  return {'quarantined'}
+end
+local tag = message['properties']['delivery_tag']
+local info = message['properties']['delivery_info']
+local exchange = info['exchange']
+local routing_key = info['routing_key']
+if type(exchange) ~= 'string' then exchange = '' end
+if type(routing_key) ~= 'string' then routing_key = KEYS[1] end
+redis.call('ZADD', KEYS[3], ARGV[1], tag)
+redis.call('HSET', KEYS[2], tag,
+  '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+local count = redis.call('HINCRBY', KEYS[4], tag, 1)
+return {'ok', item, count}
+"""
+
+QuarantineHandler = Callable[[str, bytes], None]
+_quarantine_handler: QuarantineHandler | None = None
+
+
+def set_quarantine_handler(handler: QuarantineHandler | None) -> None:
+    """Who turns quarantined queue items into dead letters: `handler(queue, raw_item)`."""
+    global _quarantine_handler
+    _quarantine_handler = handler
+
+
+def deliveries_key(queue: str) -> str:
+    """The hash counting deliveries per delivery tag of `queue`."""
+    return f"{queue}.deliveries"
+
+
+def quarantine_key(queue: str) -> str:
+    """The list holding `queue` items that are not messages, until they are dead letters."""
+    return f"{queue}.quarantine"
+
+
+def drain_quarantine(client: Any, queue: str) -> int:
+    """Hand each quarantined item of `queue` to the handler, removing it only afterwards."""
+    if _quarantine_handler is None:
+        return 0
+    drained = 0
+    key = quarantine_key(queue)
+    while True:
+        raw = client.lindex(key, -1)
+        if raw is None:
+            return drained
+        _quarantine_handler(queue, raw)
+        client.lrem(key, -1, raw)
+        drained += 1
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's QoS that also forgets a message's delivery count once it is settled."""
+
+    def ack(self, delivery_tag: str) -> None:
+        self._forget_deliveries(delivery_tag)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if not requeue:
+            self._forget_deliveries(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)
+
+    def _forget_deliveries(self, delivery_tag: str) -> None:
+        message = self._delivered.get(delivery_tag)
+        queue = None
+        if message is not None:
+            queue = message.delivery_info.get("routing_key")
+        with self.channel.conn_or_acquire() as client:
+            for name in {queue, *self.channel.active_queues} - {None}:
+                client.hdel(deliveries_key(str(name)), delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    """A Redis channel whose fetch is atomic (see the module docstring)."""
+
+    QoS = QoS
+    # One list per queue: BLMOVE watches exactly one (priority sub-lists are not consumed).
+    priority_steps = [0]  # noqa: RUF012 - kombu's own attribute
+    max_message_bytes = 1_048_576
+    _quarantine_checked_at = 0.0
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options, "max_message_bytes",
+    )
+    _polled_queue: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._take = self.client.register_script(TAKE_SCRIPT)
+
+    def _reliable_queue(self) -> str | None:
+        # BLMOVE watches one list: one queue, no priority sub-queues.
+        if len(self.active_queues) != 1 or list(self.priority_steps) != [0]:
+            return None
+        return str(next(iter(self.active_queues)))
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queue = self._reliable_queue()
+        if queue is None:
+            super()._brpop_start(timeout)
+            return
+        if timeout is None:
+            timeout = self.brpop_timeout
+        self._retry_quarantine(queue)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self._polled_queue = queue
+        self.client.connection.send_command("BLMOVE", queue, queue, "RIGHT", "RIGHT",
+                                            timeout or 0)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue = getattr(self, "_polled_queue", None)
+        if queue is None:
+            return bool(super()._brpop_read(**options))
+        self._polled_queue = None
+        try:
+            try:
+                waited = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if waited is None:
+                raise Empty()
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+        if not self._take_one(queue):
+            raise Empty()
+        return True
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        # The synchronous path (drain_events without an event loop) uses the same take.
+        with self.conn_or_acquire() as client:
+            taken = self._run_take(client, queue)
+        if taken is None:
+            raise Empty()
+        return taken
+
+    def _drain_quietly(self, client: Any, queue: str) -> None:
+        try:
+            drain_quarantine(client, queue)
+        except Exception:
+            # The item stays quarantined (nothing lost); a later sweep records it.
+            logger.warning("could not record a quarantined message yet", exc_info=True)
+
+    def _retry_quarantine(self, queue: str) -> None:
+        now = monotonic()
+        if now - self._quarantine_checked_at < 30:
+            return
+        self._quarantine_checked_at = now
+        with self.conn_or_acquire() as client:
+            if client.llen(quarantine_key(queue)):
+                self._drain_quietly(client, queue)
+
+    def _take_one(self, queue: str) -> bool:
+        with self.conn_or_acquire() as client:
+            payload = self._run_take(client, queue)
+        if payload is None:
+            return False
+        self.connection._deliver(payload, queue)
+        return True
+
+    def _run_take(self, client: Any, queue: str) -> Any:
+        keys = [queue, self.unacked_key, self.unacked_index_key, deliveries_key(queue),
+                quarantine_key(queue)]
+        while True:
+            taken = self._take(keys=keys, args=[time(), self.max_message_bytes], client=client)
+            if not taken:
+                return None
+            if taken[0] == b"quarantined":
+                self._drain_quietly(client, queue)
+                continue
+            payload = loads(taken[1])
+            payload.setdefault("headers", {})[DELIVERY_COUNT_HEADER] = int(taken[2])
+            return payload
+
+
+class Transport(kombu_redis.Transport):
+    """The Redis transport with the atomic fetch; select it with `broker_transport`."""
+
+    Channel = Channel
+
+    def driver_version(self) -> str:
+        import redis
+
+        return str(redis.__version__)
+
