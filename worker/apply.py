@@ -1,0 +1,315 @@
+"""Applying commands: validate, claim each key in the ledger, write in sets, record outcomes.
+
+One engine serves both consumers: a Celery task applies a batch of one, the batch consumer a
+batch of many. A batch is one transaction; within it, consecutive commands of one kind are
+written together (worker/writes.py), and every outcome, dead letters included, commits with
+the effects or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from worker import deadletters, writes
+from worker.config import get_settings
+from worker.db import transaction
+from worker.errors import (
+    CommandRejected,
+    Conflict,
+    Invalid,
+    NotFound,
+    RetriesExhausted,
+    UnknownCommand,
+)
+from worker.schemas import (
+    CreateCommand,
+    DeleteCommand,
+    PostCreate,
+    PostUpdate,
+    TagCreate,
+    TagUpdate,
+    UpdateCommand,
+    UserCreate,
+    UserUpdate,
+    parse,
+)
+from worker.security import hash_password
+
+logger = logging.getLogger(__name__)
+
+Entity = Literal["user", "post", "tag"]
+
+# SQLSTATEs worth another try: serialization failure, deadlock, lock timeout, statement
+# timeout, admin/crash shutdown, cannot connect now, too many connections, connection errors.
+TRANSIENT_SQLSTATES = frozenset(
+    {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300",
+     "08000", "08001", "08003", "08004", "08006"}
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A command kind: its entity, keyword-argument and data models, and its set-based write."""
+
+    entity: Entity
+    envelope: type[BaseModel]
+    data_model: type[BaseModel] | None
+    write: Callable[[Session, list[Any]], list[writes.Outcome]]
+
+    @property
+    def creates(self) -> bool:
+        """Whether the command makes a new entity (so it has no target id)."""
+        return self.envelope is CreateCommand
+
+
+SPECS: dict[str, Spec] = {
+    "users.create": Spec("user", CreateCommand, UserCreate, writes.create_users),
+    "users.update": Spec("user", UpdateCommand, UserUpdate, writes.update_users),
+    "users.delete": Spec("user", DeleteCommand, None, writes.delete_users),
+    "posts.create": Spec("post", CreateCommand, PostCreate, writes.create_posts),
+    "posts.update": Spec("post", UpdateCommand, PostUpdate, writes.update_posts),
+    "posts.delete": Spec("post", DeleteCommand, None, writes.delete_posts),
+    "tags.create": Spec("tag", CreateCommand, TagCreate, writes.create_tags),
+    "tags.update": Spec("tag", UpdateCommand, TagUpdate, writes.update_tags),
+    "tags.delete": Spec("tag", DeleteCommand, None, writes.delete_tags),
+}
+
+
+@dataclass
+class Command:
+    """One received command and, once applied, its outcome."""
+
+    task: str
+    task_id: str
+    kwargs: Any
+    args: Any = field(default_factory=list)
+    deliveries: int = 1
+    key: str | None = None
+    item: Any = None
+    password_hash: str | None = None
+    result: dict[str, Any] | None = None
+    rejection: CommandRejected | None = None
+
+    @property
+    def target(self) -> int | None:
+        """The id an update or delete acts on."""
+        return self.item.id if isinstance(self.item, writes.Change) else None
+
+
+def idempotency_key(kwargs: Any, task_id: str | None) -> str | None:
+    """The command's key: a well-formed `command_id`, else the message's task id."""
+    command_id = kwargs.get("command_id") if isinstance(kwargs, dict) else None
+    if isinstance(command_id, str) and 1 <= len(command_id) <= 128 and "\x00" not in command_id:
+        return command_id
+    return task_id
+
+
+def prepare(command: Command) -> None:
+    """Validate `command` and hash its password (slow: done before any transaction opens)."""
+    command.key = idempotency_key(command.kwargs, command.task_id)
+    try:
+        if command.deliveries > get_settings().max_deliveries:
+            # Every earlier delivery ended with its worker gone: stop the loop here.
+            raise RetriesExhausted(f"delivered {command.deliveries} times without finishing "
+                                   "(its worker died each time)")
+        spec = SPECS.get(command.task)
+        if spec is None:
+            raise UnknownCommand(f"no task named {command.task!r}")
+        if command.args:
+            raise Invalid("positional arguments are not accepted: send keyword arguments only")
+        envelope: Any = parse(spec.envelope, command.kwargs)
+        data = None
+        if spec.data_model is not None:
+            data = parse(spec.data_model, envelope.data, "data")
+            password = getattr(data, "password", None)
+            if password is not None:
+                command.password_hash = hash_password(password.get_secret_value())
+                data = data.model_copy(update={"password": None,
+                                               "password_hash": command.password_hash})
+        if spec.creates:
+            command.item = data
+        else:
+            command.item = writes.Change(id=envelope.id,
+                                         expected_version=envelope.expected_version, data=data)
+    except CommandRejected as rejection:
+        command.rejection = rejection
+
+
+def _claim(session: Session, commands: Sequence[Command]) -> None:
+    """Claim every key; a key applied before makes its command a duplicate of that result."""
+    keys = [command.key for command in commands]
+    claimed = {row[0] for row in session.execute(text(
+        "INSERT INTO command_ledger (command_id, task, result) "
+        "SELECT k, t, '{}' FROM unnest(CAST(:keys AS text[]), CAST(:tasks AS text[])) AS v(k, t) "
+        "ON CONFLICT (command_id) DO NOTHING RETURNING command_id"),
+        {"keys": keys, "tasks": [command.task for command in commands]})}
+    seen = [command for command in commands if command.key not in claimed]
+    if not seen:
+        return
+    stored = {row.command_id: row.result for row in session.execute(text(
+        "SELECT command_id, result FROM command_ledger "
+        "WHERE command_id = ANY(CAST(:keys AS text[]))"),
+        {"keys": [command.key for command in seen]})}
+    for command in seen:
+        command.result = {**stored[command.key], "outcome": "duplicate"}
+
+
+def _runs(commands: Sequence[Command]) -> list[list[Command]]:
+    """Consecutive commands of one kind, split where a target id repeats."""
+    runs: list[list[Command]] = []
+    targets: set[int] = set()
+    for command in commands:
+        current = runs[-1] if runs else None
+        target = command.target
+        if current is None or current[0].task != command.task or target in targets:
+            runs.append([command])
+            targets = set()
+        else:
+            current.append(command)
+        if target is not None:
+            targets.add(target)
+    return runs
+
+
+def _apply_round(session: Session, commands: Sequence[Command]) -> None:
+    """Apply commands whose keys are distinct, in order, within the caller's transaction."""
+    valid = [command for command in commands if command.rejection is None]
+    if valid:
+        _claim(session, valid)
+    fresh = [command for command in valid if command.result is None]
+    for run in _runs(fresh):
+        spec = SPECS[run[0].task]
+        for command, outcome in zip(run, spec.write(session, [c.item for c in run]),
+                                    strict=True):
+            if isinstance(outcome, CommandRejected):
+                command.rejection = outcome
+            else:
+                command.result = {"command_id": command.key, "outcome": "applied",
+                                  "entity": spec.entity, "id": outcome["id"], "data": outcome}
+    applied = [command for command in fresh if command.rejection is None]
+    if applied:
+        session.execute(text(
+            "UPDATE command_ledger SET result = CAST(v.r AS jsonb) "
+            "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
+            "WHERE command_ledger.command_id = v.k"),
+            {"keys": [command.key for command in applied],
+             "results": [json.dumps(command.result) for command in applied]})
+    unclaimed = [command.key for command in fresh if command.rejection is not None]
+    if unclaimed:
+        # A rejection leaves no ledger entry: the same key may be applied by a replay.
+        session.execute(text("DELETE FROM command_ledger "
+                             "WHERE command_id = ANY(CAST(:keys AS text[]))"), {"keys": unclaimed})
+    for command in commands:
+        if command.rejection is not None:
+            record_dead_letter(session, command)
+
+
+def apply(session: Session, commands: Sequence[Command]) -> None:
+    """Apply prepared commands in order inside the caller's transaction (no commit)."""
+    remaining = list(commands)
+    while remaining:
+        # A key sent twice in one batch: the later copy waits for the next round.
+        keys: set[str | None] = set()
+        this_round: list[Command] = []
+        later: list[Command] = []
+        for command in remaining:
+            if command.rejection is None and command.key in keys:
+                later.append(command)
+            else:
+                keys.add(command.key)
+                this_round.append(command)
+        _apply_round(session, this_round)
+        remaining = later
+
+
+def record_dead_letter(session: Session, command: Command) -> None:
+    """The dead letter of a rejected command (a password kept only as its hash)."""
+    assert command.rejection is not None
+    kept = deadletters.replayable_kwargs(command.kwargs, command.password_hash)
+    if command.args:
+        kept = {"args": deadletters.replayable_kwargs(list(command.args), None),
+                **(kept if isinstance(kept, dict) else {"kwargs": kept})}
+    deadletters.record(session, command_id=command.key, task=command.task,
+                       reason=command.rejection.reason, error=str(command.rejection),
+                       kwargs=kept if isinstance(kept, dict) else {"kwargs": kept})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error` is a fault another try may not meet (connection, lock, deadlock)."""
+    if isinstance(error, sa_exc.TimeoutError):
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "pgcode", None)
+        if sqlstate is None:
+            return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+        return sqlstate in TRANSIENT_SQLSTATES
+    return False
+
+
+def rejection_for(error: sa_exc.DBAPIError) -> CommandRejected | None:
+    """The rejection a database error stands for, if it is a permanent one."""
+    sqlstate = getattr(error.orig, "pgcode", None)
+    if sqlstate == "23505":
+        return Conflict("a unique value is taken")
+    if sqlstate == "23503":
+        return NotFound("a referenced record does not exist")
+    if sqlstate is not None and sqlstate.startswith("22"):
+        return Invalid("a value does not fit its column")
+    return None
+
+
+def run_batch(commands: Sequence[Command]) -> None:
+    """Prepare and apply `commands` as one transaction; transient faults are raised.
+
+    A permanent database error the checks did not foresee (a race with another worker)
+    rolls the batch back; each command is then applied alone, so the error lands on the
+    one command it belongs to.
+    """
+    for command in commands:
+        if command.key is None and command.rejection is None and command.result is None:
+            prepare(command)
+    try:
+        with transaction() as session:
+            apply(session, commands)
+    except sa_exc.SQLAlchemyError as error:
+        _reset(commands)
+        if is_transient(error) or not isinstance(error, sa_exc.DBAPIError):
+            raise
+        if len(commands) > 1:
+            for command in commands:
+                run_batch([command])
+            return
+        (command,) = commands
+        rejection = rejection_for(error)
+        if rejection is None:
+            raise
+        command.rejection = rejection
+        with transaction() as session:
+            record_dead_letter(session, command)
+
+
+def _reset(commands: Sequence[Command]) -> None:
+    """Forget outcomes of a rolled-back transaction (validation rejections stay)."""
+    for command in commands:
+        command.result = None
+        if command.rejection is not None and command.item is not None:
+            command.rejection = None
+
+
+def record_exhausted(command: Command, detail: str) -> None:
+    """Dead-letter a command whose transient faults outlasted the retry policy."""
+    command.result = None
+    command.rejection = RetriesExhausted(detail)
+    with transaction() as session:
+        record_dead_letter(session, command)
