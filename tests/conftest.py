@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from alembic import command
 from alembic.config import Config
 from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+
+from alembic import command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,30 +150,51 @@ class WorkerProcess:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
+CONSUMERS = {
+    "celery": ["-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
+               "-c", "2", "-E", "--without-gossip", "--without-mingle"],
+    "batch": ["-m", "worker.batch", "--concurrency", "2", "--batch-size", "50"],
+}
+
+
 def start_worker(database: str, broker: str, log: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> WorkerProcess:
-    """Start `celery -A worker.celery_app worker` and wait until it answers a ping."""
+                 env: dict[str, str] | None = None, kind: str = "celery") -> WorkerProcess:
+    """Start a consumer (`celery` worker or `batch`) and wait until it consumes."""
     environment = {**os.environ, **TEST_ENV, "DATABASE_URL": database, "BROKER_URL": broker,
                    **(env or {})}
     environment.pop("RESULT_BACKEND", None)
     handle = log.open("wb")
     name = f"test-{uuid.uuid4().hex[:8]}@%h"
+    naming = ["-n", name] if kind == "celery" else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-n", name,
-         "--loglevel", "INFO", "-c", "2", "-E", "--without-gossip", "--without-mingle",
-         *extra],
+        [sys.executable, *CONSUMERS[kind], *naming, *extra],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    pinger = Celery(broker=broker)
-    deadline = time.monotonic() + 60
+    worker = WorkerProcess(process, log)
+    if not wait_until_consuming(worker, broker, environment["COMMANDS_QUEUE"]):
+        process.kill()
+        raise RuntimeError(f"the worker did not consume in 60 s:\n{log.read_text()}")
+    return worker
+
+
+def wait_until_consuming(worker: WorkerProcess, broker: str, queue: str,
+                         timeout: float = 60) -> bool:
+    """Whether the worker applies a probe command (a tag) and stores its outcome in time."""
+    from worker.protocol import encode
+
+    client = redis.Redis.from_url(broker)
+    task_id = f"probe-{uuid.uuid4().hex}"
+    client.lpush(queue, encode("tags.create", {"data": {"name": task_id}}, queue=queue,
+                               task_id=task_id))
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"worker exited:\n{log.read_text()}")
-        replies = pinger.control.ping(timeout=0.5)
-        if any(name.replace("%h", "") in host for reply in replies for host in reply):
-            return WorkerProcess(process, log)
-    process.kill()
-    raise RuntimeError(f"worker did not answer a ping in 60 s:\n{log.read_text()}")
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker exited:\n{worker.log_text()}")
+        if client.exists(f"celery-task-meta-{task_id}"):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def stop_worker(worker: WorkerProcess, timeout: float = 30) -> None:
@@ -185,11 +207,11 @@ def stop_worker(worker: WorkerProcess, timeout: float = 30) -> None:
         worker.process.wait()
 
 
-@pytest.fixture(scope="session")
-def worker_process(database_url: str, broker_url: str,
+@pytest.fixture(scope="session", params=sorted(CONSUMERS))
+def worker_process(request: pytest.FixtureRequest, database_url: str, broker_url: str,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """One real worker (prefork, 2 children) consuming `commands` for the session."""
+    """A real consumer for the session: the Celery worker, then the batch consumer."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = start_worker(database_url, broker_url, log)
+    worker = start_worker(database_url, broker_url, log, kind=request.param)
     yield worker
     stop_worker(worker)

@@ -56,6 +56,10 @@ TRANSIENT_SQLSTATES = frozenset(
 )
 
 
+# Reasons whose dead letter keeps the message as it came, for inspection.
+RAW_KEPT = frozenset({"undecodable", "unknown_command"})
+
+
 @dataclass(frozen=True)
 class Spec:
     """A command kind: its entity, keyword-argument and data models, and its set-based write."""
@@ -98,6 +102,7 @@ class Command:
     password_hash: str | None = None
     result: dict[str, Any] | None = None
     rejection: CommandRejected | None = None
+    raw: bytes | None = None
 
     @property
     def target(self) -> int | None:
@@ -238,9 +243,13 @@ def record_dead_letter(session: Session, command: Command) -> None:
     if command.args:
         kept = {"args": deadletters.replayable_kwargs(list(command.args), None),
                 **(kept if isinstance(kept, dict) else {"kwargs": kept})}
-    deadletters.record(session, command_id=command.key, task=command.task,
+    deadletters.record(session, command_id=command.key, task=command.task or None,
                        reason=command.rejection.reason, error=str(command.rejection),
-                       kwargs=kept if isinstance(kept, dict) else {"kwargs": kept})
+                       kwargs=kept if isinstance(kept, dict) or kept is None
+                       else {"kwargs": kept},
+                       raw_body=deadletters.raw_text(command.raw)
+                       if command.raw is not None and command.rejection.reason in RAW_KEPT
+                       else None)
 
 
 def is_transient(error: BaseException) -> bool:

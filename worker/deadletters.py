@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,14 @@ from worker.models import DeadLetter
 from worker.security import REDACTED
 
 RAW_BODY_LIMIT = 64 * 1024
+# Scrubs a password out of text that could not be parsed as a message.
+_PASSWORD_IN_TEXT = re.compile(r'("password"\s*:\s*)"(?:[^"\\]|\\.)*"', re.IGNORECASE)
+
+
+def raw_text(raw: bytes | str) -> str:
+    """A queue item as a dead letter keeps it: text, size-capped, password values replaced."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    return _PASSWORD_IN_TEXT.sub(rf'\1"{REDACTED}"', text[:RAW_BODY_LIMIT])
 
 
 def replayable_kwargs(kwargs: Any, password_hash: str | None) -> Any:

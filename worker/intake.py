@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from celery.utils.objects import Bunch
@@ -16,22 +15,10 @@ from worker.config import get_settings
 from worker.db import transaction
 from worker.errors import UnknownCommand
 from worker.protocol import UndecodableMessage, decode
-from worker.security import REDACTED, redact
+from worker.security import redact
 
 logger = logging.getLogger(__name__)
 
-# Scrubs a password out of text that could not be parsed as a message.
-_PASSWORD_IN_TEXT = re.compile(r'("password"\s*:\s*)"(?:[^"\\]|\\.)*"', re.IGNORECASE)
-
-
-def scrub(text: str) -> str:
-    """`text` with anything shaped like a JSON password value replaced."""
-    return _PASSWORD_IN_TEXT.sub(rf'\1"{REDACTED}"', text)
-
-
-def _raw_text(raw: bytes | str) -> str:
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    return scrub(text[: deadletters.RAW_BODY_LIMIT])
 
 
 def record_raw(raw: bytes | str, reason: str, error: str, *, task: str | None = None,
@@ -40,7 +27,8 @@ def record_raw(raw: bytes | str, reason: str, error: str, *, task: str | None = 
     with transaction() as session:
         deadletters.record(
             session, reason=reason, error=error, task=task, command_id=command_id,
-            kwargs=redact(kwargs) if kwargs is not None else None, raw_body=_raw_text(raw),
+            kwargs=redact(kwargs) if kwargs is not None else None,
+            raw_body=deadletters.raw_text(raw),
         )
     logger.warning("dead letter (%s): %s", reason, error)
 

@@ -24,34 +24,60 @@ logger = logging.getLogger(__name__)
 DELIVERY_COUNT_HEADER = "x_delivery_count"
 
 # KEYS: queue, unacked hash, unacked index, deliveries hash, quarantine list
-# ARGV: now, max bytes
-# Returns nil (empty), {"quarantined"} or {"ok", item, deliveries}.
+# ARGV: now, max bytes, how many to take
+# Returns a flat list: per item taken, either "quarantined" or the item and its deliveries.
 TAKE_SCRIPT = """
-local item = redis.call('RPOP', KEYS[1])
-if not item then return nil end
-if string.len(item) > tonumber(ARGV[2]) then
-  redis.call('LPUSH', KEYS[5], item)
-  return {'quarantined'}
+local taken = {}
+for _ = 1, tonumber(ARGV[3]) do
+  local item = redis.call('RPOP', KEYS[1])
+  if not item then break end
+  local ok, message = false, nil
+  if string.len(item) <= tonumber(ARGV[2]) then
+    ok, message = pcall(cjson.decode, item)
+  end
+  if not ok or type(message) ~= 'table' or type(message['properties']) ~= 'table'
+     or type(message['properties']['delivery_tag']) ~= 'string'
+     or type(message['properties']['delivery_info']) ~= 'table' then
+    redis.call('LPUSH', KEYS[5], item)
+    table.insert(taken, 'quarantined')
+  else
+    local tag = message['properties']['delivery_tag']
+    local info = message['properties']['delivery_info']
+    local exchange = info['exchange']
+    local routing_key = info['routing_key']
+    if type(exchange) ~= 'string' then exchange = '' end
+    if type(routing_key) ~= 'string' then routing_key = KEYS[1] end
+    redis.call('ZADD', KEYS[3], ARGV[1], tag)
+    redis.call('HSET', KEYS[2], tag,
+      '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+    table.insert(taken, item)
+    table.insert(taken, redis.call('HINCRBY', KEYS[4], tag, 1))
+  end
 end
-local ok, message = pcall(cjson.decode, item)
-if not ok or type(message) ~= 'table' or type(message['properties']) ~= 'table'
-   or type(message['properties']['delivery_tag']) ~= 'string'
-   or type(message['properties']['delivery_info']) ~= 'table' then
-  redis.call('LPUSH', KEYS[5], item)
-  return {'quarantined'}
-end
-local tag = message['properties']['delivery_tag']
-local info = message['properties']['delivery_info']
-local exchange = info['exchange']
-local routing_key = info['routing_key']
-if type(exchange) ~= 'string' then exchange = '' end
-if type(routing_key) ~= 'string' then routing_key = KEYS[1] end
-redis.call('ZADD', KEYS[3], ARGV[1], tag)
-redis.call('HSET', KEYS[2], tag,
-  '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
-local count = redis.call('HINCRBY', KEYS[4], tag, 1)
-return {'ok', item, count}
+return taken
 """
+
+
+def take_keys(queue: str, unacked_key: str = "unacked",
+              unacked_index_key: str = "unacked_index") -> list[str]:
+    """The keys TAKE_SCRIPT works on for `queue`."""
+    return [queue, unacked_key, unacked_index_key, deliveries_key(queue), quarantine_key(queue)]
+
+
+def parse_taken(taken: list[Any]) -> tuple[list[tuple[bytes, int]], int]:
+    """TAKE_SCRIPT's reply as ([(item, deliveries)], how many were quarantined)."""
+    items: list[tuple[bytes, int]] = []
+    quarantined = 0
+    index = 0
+    while index < len(taken):
+        if taken[index] == b"quarantined":
+            quarantined += 1
+            index += 1
+        else:
+            items.append((taken[index], int(taken[index + 1])))
+            index += 2
+    return items, quarantined
+
 
 QuarantineHandler = Callable[[str, bytes], None]
 _quarantine_handler: QuarantineHandler | None = None
@@ -200,18 +226,20 @@ class Channel(kombu_redis.Channel):
         return True
 
     def _run_take(self, client: Any, queue: str) -> Any:
-        keys = [queue, self.unacked_key, self.unacked_index_key, deliveries_key(queue),
-                quarantine_key(queue)]
+        keys = take_keys(queue, self.unacked_key, self.unacked_index_key)
         while True:
-            taken = self._take(keys=keys, args=[time(), self.max_message_bytes], client=client)
-            if not taken:
-                return None
-            if taken[0] == b"quarantined":
+            taken = self._take(keys=keys, args=[time(), self.max_message_bytes, 1],
+                               client=client)
+            items, quarantined = parse_taken(taken)
+            if quarantined:
                 self._drain_quietly(client, queue)
-                continue
-            payload = loads(taken[1])
-            payload.setdefault("headers", {})[DELIVERY_COUNT_HEADER] = int(taken[2])
-            return payload
+            if items:
+                (raw, deliveries), = items
+                payload = loads(raw)
+                payload.setdefault("headers", {})[DELIVERY_COUNT_HEADER] = deliveries
+                return payload
+            if not quarantined:
+                return None
 
 
 class Transport(kombu_redis.Transport):

@@ -1,0 +1,360 @@
+"""The batch consumer: takes up to N commands from the queue at once and applies them together.
+
+Each process loops: wait for the queue (`BLMOVE q q RIGHT RIGHT`, which removes nothing),
+take up to `batch_size` messages atomically into kombu's unacked set (worker/transport.py),
+apply them as one transaction (worker/apply.py), store each outcome in the result backend
+exactly as Celery does, send Celery task events for Flower, and only then acknowledge.
+A process killed at any instant leaves its messages in the unacked set, from which any
+consumer (this one or a Celery worker) restores them after the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import redis
+from kombu.connection import Connection
+from sqlalchemy import exc as sa_exc
+
+from worker import apply, db, intake, transport
+from worker.config import Settings, broker_url, get_settings, result_backend_url
+from worker.errors import Undecodable
+from worker.protocol import UndecodableMessage, decode
+from worker.security import redact
+
+logger = logging.getLogger(__name__)
+
+RESULT_KEY = "celery-task-meta-{}"
+
+
+@dataclass
+class Received:
+    """A message taken from the queue and the command made of it."""
+
+    delivery_tag: str | None
+    command: apply.Command
+    received_at: float = field(default_factory=time.time)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def result_meta(command: apply.Command) -> dict[str, Any]:
+    """The result-backend record Celery would store for `command`'s outcome."""
+    meta: dict[str, Any] = {"task_id": command.task_id, "traceback": None, "children": [],
+                            "date_done": _now_iso()}
+    if command.rejection is not None:
+        meta.update(status="FAILURE", result={
+            "exc_type": type(command.rejection).__name__,
+            "exc_message": list(command.rejection.args),
+            "exc_module": type(command.rejection).__module__,
+        })
+    else:
+        meta.update(status="SUCCESS", result=command.result)
+    return meta
+
+
+def to_command(raw: bytes, deliveries: int) -> Received:
+    """The command in a taken message; an undecodable one carries its rejection."""
+    try:
+        message = decode(raw)
+    except UndecodableMessage as error:
+        try:
+            envelope = json.loads(raw)
+            tag = envelope["properties"]["delivery_tag"]
+            headers = envelope.get("headers") or {}
+        except (ValueError, KeyError, TypeError):
+            tag, headers = None, {}
+        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+        task = headers.get("task") if isinstance(headers.get("task"), str) else None
+        command = apply.Command(task=task or "", task_id=task_id or "", kwargs=None,
+                                rejection=Undecodable(str(error)))
+        command.raw = raw
+        return Received(tag, command)
+    return Received(message.delivery_tag, apply.Command(
+        task=message.task, task_id=message.task_id, kwargs=message.kwargs, args=message.args,
+        deliveries=deliveries, raw=raw))
+
+
+class BatchConsumer:
+    """One consuming process: fetch a batch, apply it, store outcomes, acknowledge."""
+
+    def __init__(self, settings: Settings, batch_size: int, events: bool = True) -> None:
+        self.settings = settings
+        self.queue = settings.commands_queue
+        self.batch_size = batch_size
+        self.broker = redis.Redis.from_url(
+            broker_url(settings), socket_timeout=15, socket_connect_timeout=10,
+            socket_keepalive=True, health_check_interval=10, retry_on_timeout=True)
+        backend = result_backend_url(settings)
+        self.results = (self.broker if backend == broker_url(settings) else
+                        redis.Redis.from_url(backend, socket_timeout=15,
+                                             socket_connect_timeout=10))
+        self.take = self.broker.register_script(transport.TAKE_SCRIPT)
+        self.keys = transport.take_keys(self.queue)
+        self.hostname = f"batch-{os.getpid()}@{socket.gethostname()}"
+        self.kombu = Connection(
+            broker_url(settings), transport="worker.transport:Transport",
+            transport_options={"visibility_timeout": settings.broker_visibility_timeout})
+        self.events = None
+        if events:
+            from worker.celery_app import app
+
+            self.events = app.events.Dispatcher(
+                connection=self.kombu, hostname=self.hostname, groups=["task", "worker"],
+                buffer_group=["task"], buffer_limit=10 * batch_size + 10)
+        self.stopping = False
+        self.processed = 0
+        self._restored_at = 0.0
+        self._heartbeat_at = 0.0
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until `stop()`; the batch in hand is always finished first."""
+        transport.set_quarantine_handler(intake.record_queue_item)
+        self._event("worker-online")
+        while not self.stopping:
+            try:
+                self._housekeeping()
+                taken = self.fetch(timeout=1)
+                if taken:
+                    self.handle(taken)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                logger.warning("broker unreachable (%s); retrying", type(error).__name__)
+                time.sleep(1 + random.random())  # noqa: S311 - jitter
+        self._event("worker-offline")
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from `run`."""
+        self.stopping = True
+
+    def fetch(self, timeout: int) -> list[Received]:
+        """Up to `batch_size` messages, atomically moved into the unacked set."""
+        if self.broker.blmove(self.queue, self.queue, int(timeout), "RIGHT", "RIGHT") is None:
+            return []
+        taken = self.take(keys=self.keys,
+                          args=[time.time(), self.settings.max_payload_bytes, self.batch_size])
+        items, quarantined = transport.parse_taken(taken)
+        if quarantined:
+            try:
+                transport.drain_quarantine(self.broker, self.queue)
+            except Exception:
+                logger.warning("could not record a quarantined message yet", exc_info=True)
+        return [to_command(raw, deliveries) for raw, deliveries in items]
+
+    def handle(self, received: Sequence[Received]) -> None:
+        """Apply a batch, store its outcomes and events, then acknowledge it."""
+        for item in received:
+            self._task_event("task-received", item.command, name=item.command.task,
+                             args=repr(redact(item.command.args)),
+                             kwargs=repr(redact(item.command.kwargs)),
+                             retries=0)
+        commands = [item.command for item in received]
+        started = time.monotonic()
+        self._apply_with_retries(commands)
+        runtime = time.monotonic() - started
+        self._store_outcomes(commands, runtime)
+        self._ack([item.delivery_tag for item in received if item.delivery_tag])
+        self.processed += len(commands)
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _apply_with_retries(self, commands: list[apply.Command]) -> None:
+        attempt = 0
+        while True:
+            try:
+                apply.run_batch(commands)
+                return
+            except sa_exc.SQLAlchemyError as error:
+                if not apply.is_transient(error):
+                    # A bug, not a fault of the input: keep the messages (not acked) for
+                    # redelivery and make the failure loud.
+                    raise
+                attempt += 1
+                if attempt > self.settings.max_retries:
+                    self._exhaust(commands, f"gave up after {attempt - 1} retries: "
+                                            f"{type(error).__name__}")
+                    return
+                delay = min(self.settings.retry_backoff_max, 0.1 * 2**attempt)
+                logger.warning("transient fault (%s); batch of %d retried in %.1f s",
+                               type(error).__name__, len(commands), delay)
+                time.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
+
+    def _exhaust(self, commands: list[apply.Command], detail: str) -> None:
+        pending = [c for c in commands if c.result is None and c.rejection is None]
+        while pending:
+            try:
+                for command in list(pending):
+                    apply.record_exhausted(command, detail)
+                    pending.remove(command)
+            except sa_exc.SQLAlchemyError:
+                # Not recorded yet: the messages stay unacknowledged until it is.
+                time.sleep(self.settings.retry_backoff_max)
+
+    def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float) -> None:
+        expires = self.settings.result_expires
+        while True:
+            try:
+                pipe = self.results.pipeline(transaction=False)
+                for command in commands:
+                    if not command.task_id:
+                        continue
+                    key = RESULT_KEY.format(command.task_id)
+                    value = json.dumps(result_meta(command))
+                    # The first outcome stored for a task id stands, as with Celery's backend.
+                    pipe.set(key, value, ex=expires, nx=True)
+                    pipe.publish(key, value)
+                pipe.execute()
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                logger.warning("result backend unreachable; retrying")
+                time.sleep(1)
+        share = runtime / max(1, len(commands))
+        for command in commands:
+            if command.rejection is not None:
+                self._task_event("task-failed", command, exception=repr(command.rejection),
+                                 traceback=None)
+            else:
+                self._task_event("task-succeeded", command,
+                                 result=repr(redact(command.result)), runtime=share)
+        if self.events is not None:
+            self.events.flush()
+
+    def _ack(self, tags: Sequence[str]) -> None:
+        if not tags:
+            return
+        while True:
+            try:
+                pipe = self.broker.pipeline(transaction=True)
+                pipe.zrem("unacked_index", *tags)
+                pipe.hdel("unacked", *tags)
+                pipe.hdel(transport.deliveries_key(self.queue), *tags)
+                pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                logger.warning("broker unreachable while acknowledging; retrying")
+                time.sleep(1)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        interval = max(1, min(10, self.settings.broker_visibility_timeout // 4))
+        if now - self._restored_at >= interval:
+            self._restored_at = now
+            # kombu's own sweep (with its mutex): messages of dead consumers go back.
+            self.kombu.default_channel.qos.restore_visible(num=1000, interval=1)
+        if now - self._heartbeat_at >= 2:
+            self._heartbeat_at = now
+            self._event("worker-heartbeat", freq=2.0, active=0, processed=self.processed)
+
+    # --- events -------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.events is None:
+            return
+        try:
+            self.events.send(kind, sw_ident="command-worker-batch", sw_ver="1",
+                             sw_sys=os.uname().sysname, **fields)
+        except Exception:
+            logger.debug("could not send %s", kind, exc_info=True)
+
+    def _task_event(self, kind: str, command: apply.Command, **fields: Any) -> None:
+        if self.events is not None and command.task_id:
+            try:
+                self.events.send(kind, uuid=command.task_id, **fields)
+            except Exception:
+                logger.debug("could not send %s", kind, exc_info=True)
+
+
+def _consume_forever(batch_size: int, events: bool) -> None:
+    """A child process's life: one consumer until SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    db.after_fork()
+    consumer = BatchConsumer(get_settings(), batch_size, events)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    consumer.run()
+
+
+def consume(concurrency: int, batch_size: int, events: bool = True) -> int:
+    """Run `concurrency` consumer processes until SIGTERM/SIGINT; restart any that dies."""
+    context = multiprocessing.get_context("fork")
+    children: dict[int, multiprocessing.process.BaseProcess] = {}
+    stopping = False
+
+    def start_one() -> None:
+        child = context.Process(target=_consume_forever, args=(batch_size, events),
+                                daemon=False)
+        child.start()
+        assert child.pid is not None
+        children[child.pid] = child
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for _ in range(concurrency):
+            start_one()
+        logger.info("consuming %s with %d processes, batches of up to %d",
+                    get_settings().commands_queue, concurrency, batch_size)
+        while not stopping:
+            for pid, child in list(children.items()):
+                if not child.is_alive():
+                    child.join()
+                    del children[pid]
+                    logger.warning("consumer %d exited with %s; starting another", pid,
+                                   child.exitcode)
+                    time.sleep(0.5)
+                    start_one()
+            time.sleep(0.2)
+        for child in children.values():
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        for child in children.values():
+            child.join(max(0.1, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
+                child.join()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m worker.batch [--concurrency N] [--batch-size N] [--no-events]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m worker.batch", description=main.__doc__)
+    parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--no-events", action="store_true")
+    parser.add_argument("--loglevel", default="INFO")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=options.loglevel.upper(),
+                        format="%(asctime)s %(levelname)s %(processName)s %(message)s")
+    return consume(options.concurrency, options.batch_size, not options.no_events)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
