@@ -37,10 +37,11 @@ class Settings(BaseSettings):
         description="Seconds before an unacknowledged command is delivered again",
     )
 
-    # argon2id cost: the defaults are argon2-cffi's RFC 9106 "low memory" profile.
-    password_hash_time_cost: int = Field(default=3, ge=1)
-    password_hash_memory_kib: int = Field(default=65_536, ge=8)
-    password_hash_parallelism: int = Field(default=4, ge=1)
+    # argon2id cost: OWASP's recommended minimum (19 MiB, 2 passes, 1 lane): one core per
+    # hash, so worker processes, not threads inside a hash, use the machine's cores.
+    password_hash_time_cost: int = Field(default=2, ge=1)
+    password_hash_memory_kib: int = Field(default=19_456, ge=8)
+    password_hash_parallelism: int = Field(default=1, ge=1)
 
     max_retries: int = Field(default=8, ge=0, description="Retries of a transient fault")
     max_deliveries: int = Field(
