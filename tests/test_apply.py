@@ -1,0 +1,159 @@
+"""The apply engine on batches: set-based writes keep every per-command rule."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from worker import apply
+
+PASSWORD = "correct horse battery"
+
+
+def command(task: str, **kwargs: Any) -> apply.Command:
+    return apply.Command(task=task, task_id=str(uuid.uuid4()), kwargs=kwargs)
+
+
+def run(*commands: apply.Command) -> list[apply.Command]:
+    apply.run_batch(list(commands))
+    return list(commands)
+
+
+def outcome(cmd: apply.Command) -> str:
+    if cmd.rejection is not None:
+        return cmd.rejection.reason
+    assert cmd.result is not None
+    return str(cmd.result["outcome"])
+
+
+def scalar(url: str, sql: str) -> Any:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        value = connection.execute(text(sql)).scalar()
+    engine.dispose()
+    return value
+
+
+@pytest.fixture
+def author(clean_database: str) -> int:
+    (created,) = run(command("users.create", data={
+        "username": "author", "email": "author@example.com", "password": PASSWORD}))
+    assert created.result is not None
+    return int(created.result["id"])
+
+
+def test_a_batch_of_creates_is_applied_in_order_with_ids_matching_commands(
+    clean_database: str, author: int
+) -> None:
+    posts = [command("posts.create", data={"title": f"post {i}", "author_id": author,
+                                           "tags": [f"t{i % 3}"]}) for i in range(50)]
+    run(*posts)
+    assert [outcome(p) for p in posts] == ["applied"] * 50
+    for i, post in enumerate(posts):
+        assert post.result is not None
+        assert post.result["data"]["title"] == f"post {i}"
+        assert post.result["data"]["tags"] == [f"t{i % 3}"]
+    assert scalar(clean_database, "SELECT count(*) FROM posts") == 50
+    assert scalar(clean_database, "SELECT count(*) FROM tags") == 3
+    assert scalar(clean_database, "SELECT count(*) FROM command_ledger") == 51
+
+
+def test_one_bad_command_does_not_poison_its_batch(clean_database: str, author: int) -> None:
+    batch = run(
+        command("tags.create", data={"name": "a"}),
+        command("tags.create", data={"name": ""}),
+        command("tags.create", data={"name": "a"}),
+        command("posts.create", data={"title": "x", "author_id": 999}),
+        command("tags.update", id=999, data={"name": "z"}),
+        command("tags.create", data={"name": "b"}),
+    )
+    assert [outcome(c) for c in batch] == [
+        "applied", "invalid", "conflict", "not_found", "not_found", "applied"]
+    assert scalar(clean_database, "SELECT count(*) FROM dead_letters") == 4
+    # A rejection leaves no ledger entry behind.
+    assert scalar(clean_database, "SELECT count(*) FROM command_ledger") == 3
+
+
+def test_the_same_key_twice_in_one_batch_is_applied_then_duplicate(
+    clean_database: str, author: int
+) -> None:
+    first = command("tags.create", data={"name": "once"}, command_id="k")
+    second = command("tags.create", data={"name": "once"}, command_id="k")
+    run(first, second)
+    assert outcome(first) == "applied" and outcome(second) == "duplicate"
+    assert second.result == {**(first.result or {}), "outcome": "duplicate"}
+
+
+def test_updates_of_one_row_in_one_batch_apply_in_order(
+    clean_database: str, author: int
+) -> None:
+    batch = run(*[command("users.update", id=author, data={"username": f"name{i}"},
+                          expected_version=i + 1) for i in range(5)])
+    assert [outcome(c) for c in batch] == ["applied"] * 5
+    assert batch[-1].result is not None
+    assert batch[-1].result["data"]["version"] == 6
+    assert scalar(clean_database, "SELECT username FROM users") == "name4"
+
+
+def test_update_then_delete_then_update_in_one_batch(clean_database: str, author: int) -> None:
+    (post,) = run(command("posts.create", data={"title": "t", "author_id": author,
+                                                "tags": ["a"]}))
+    assert post.result is not None
+    post_id = post.result["id"]
+    batch = run(
+        command("posts.update", id=post_id, data={"content": "c", "tags": ["b", "c"]}),
+        command("posts.delete", id=post_id),
+        command("posts.update", id=post_id, data={"title": "late"}),
+    )
+    assert [outcome(c) for c in batch] == ["applied", "applied", "not_found"]
+    assert batch[0].result is not None and batch[1].result is not None
+    assert batch[0].result["data"]["tags"] == ["b", "c"]
+    assert batch[1].result["data"]["content"] == "c"
+
+
+def test_users_swapping_emails_in_one_batch_conflict_safely(
+    clean_database: str, author: int
+) -> None:
+    (other,) = run(command("users.create", data={
+        "username": "other", "email": "other@example.com", "password": PASSWORD}))
+    assert other.result is not None
+    batch = run(
+        command("users.update", id=author, data={"email": "OTHER@example.com"}),
+        command("users.update", id=other.result["id"], data={"email": "x@example.com"}),
+    )
+    assert [outcome(c) for c in batch] == ["conflict", "applied"]
+
+
+def test_a_password_in_a_batch_is_hashed_and_its_dead_letter_keeps_only_the_hash(
+    clean_database: str, author: int
+) -> None:
+    (clash,) = run(command("users.create", data={
+        "username": "author", "email": "new@example.com", "password": PASSWORD}))
+    assert outcome(clash) == "conflict"
+    kwargs = scalar(clean_database, "SELECT kwargs FROM dead_letters")
+    assert "password" not in kwargs["data"]
+    assert kwargs["data"]["password_hash"].startswith("$argon2id$")
+
+
+def test_a_race_the_checks_cannot_see_falls_back_to_one_by_one(
+    clean_database: str, author: int
+) -> None:
+    # A unique index the write layer does not check stands in for a concurrent insert.
+    engine = create_engine(clean_database)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE UNIQUE INDEX race ON posts (title)"))
+    try:
+        batch = run(
+            command("posts.create", data={"title": "same", "author_id": author}),
+            command("posts.create", data={"title": "same", "author_id": author}),
+            command("posts.create", data={"title": "other", "author_id": author}),
+        )
+        assert [outcome(c) for c in batch] == ["applied", "conflict", "applied"]
+        assert scalar(clean_database, "SELECT count(*) FROM posts") == 2
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP INDEX race"))
+        engine.dispose()
