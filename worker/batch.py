@@ -254,8 +254,12 @@ class BatchConsumer:
         interval = max(1, min(10, self.settings.broker_visibility_timeout // 4))
         if now - self._restored_at >= interval:
             self._restored_at = now
-            # kombu's own sweep (with its mutex): messages of dead consumers go back.
-            self.kombu.default_channel.qos.restore_visible(num=1000, interval=1)
+            try:
+                # kombu's own sweep (with its mutex): messages of dead consumers go back.
+                self.kombu.default_channel.qos.restore_visible(num=1000, interval=1)
+            except Exception:
+                logger.warning("could not look for unacknowledged messages", exc_info=True)
+                self.kombu.collect()
         if now - self._heartbeat_at >= 2:
             self._heartbeat_at = now
             self._event("worker-heartbeat", freq=2.0, active=0, processed=self.processed)

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     db_lock_timeout_ms: int = Field(default=10_000, ge=0)
 
     broker_visibility_timeout: int = Field(
-        default=300,
+        default=60,
         ge=1,
         description="Seconds before an unacknowledged command is delivered again",
     )

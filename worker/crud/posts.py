@@ -4,40 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, select
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import Session, selectinload
 
+from worker import queries
 from worker.crud import tags as tags_crud
 from worker.crud import users as users_crud
-from worker.crud.common import page
 from worker.errors import NotFound
 from worker.models import Post
 from worker.schemas import PostCreate, PostDetail, PostRecord, PostUpdate, UserRecord
 
 
-def _with_relations() -> Select[Post]:
-    # joinedload for the one author, selectinload for the many tags: two statements per page.
-    return select(Post).options(joinedload(Post.author), selectinload(Post.tags))
-
-
 def get(session: Session, post_id: int, *, for_update: bool = False) -> Post | None:
     """The post with `post_id`, its author and tags loaded; locked for update when asked."""
     if for_update:
+        # Not the shared statement: FOR UPDATE would also lock the author through its join.
         return session.get(Post, post_id, with_for_update=True, options=[selectinload(Post.tags)])
-    return session.scalars(_with_relations().where(Post.id == post_id)).first()
+    return session.scalars(queries.post_by_id(post_id)).first()
 
 
 def list_(session: Session, skip: int = 0, limit: int = 100) -> list[Post]:
     """Posts ordered by id, with author and tags, `limit` of them after the first `skip`."""
-    skip, limit = page(skip, limit)
-    return list(session.scalars(_with_relations().order_by(Post.id).offset(skip).limit(limit)))
+    return list(session.scalars(queries.posts_page(skip, limit)))
 
 
 def list_by_author(session: Session, author_id: int, skip: int = 0, limit: int = 100) -> list[Post]:
     """An author's posts ordered by id, with author and tags."""
-    skip, limit = page(skip, limit)
-    statement = _with_relations().where(Post.author_id == author_id)
-    return list(session.scalars(statement.order_by(Post.id).offset(skip).limit(limit)))
+    return list(session.scalars(queries.posts_page(skip, limit, author_id=author_id)))
 
 
 def create(session: Session, data: PostCreate) -> Post:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.crud.common import page
+from worker import queries
 from worker.errors import Conflict
 from worker.models import Tag
 from worker.schemas import TagCreate, TagRecord, TagUpdate
@@ -17,18 +17,20 @@ from worker.schemas import TagCreate, TagRecord, TagUpdate
 
 def get(session: Session, tag_id: int, *, for_update: bool = False) -> Tag | None:
     """The tag with `tag_id`, locked for update when asked."""
-    return session.get(Tag, tag_id, with_for_update=for_update)
+    if for_update:
+        # With a lock, Session.get always emits SELECT ... FOR UPDATE (no identity-map shortcut).
+        return session.get(Tag, tag_id, with_for_update=True)
+    return session.scalars(queries.tag_by_id(tag_id)).first()
 
 
 def get_by_name(session: Session, name: str) -> Tag | None:
     """The tag named `name`."""
-    return session.scalars(select(Tag).where(Tag.name == name)).first()
+    return session.scalars(queries.tag_by_name(name)).first()
 
 
 def list_(session: Session, skip: int = 0, limit: int = 100) -> list[Tag]:
     """Tags ordered by id, `limit` of them after the first `skip`."""
-    skip, limit = page(skip, limit)
-    return list(session.scalars(select(Tag).order_by(Tag.id).offset(skip).limit(limit)))
+    return list(session.scalars(queries.tags_page(skip, limit)))
 
 
 def create(session: Session, data: TagCreate) -> Tag:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.crud.common import page
+from worker import queries
 from worker.errors import Conflict
 from worker.models import User
 from worker.schemas import UserCreate, UserRecord, UserUpdate
@@ -16,23 +15,25 @@ from worker.security import hash_password
 
 def get(session: Session, user_id: int, *, for_update: bool = False) -> User | None:
     """The user with `user_id`, locked for update when asked."""
-    return session.get(User, user_id, with_for_update=for_update)
+    if for_update:
+        # With a lock, Session.get always emits SELECT ... FOR UPDATE (no identity-map shortcut).
+        return session.get(User, user_id, with_for_update=True)
+    return session.scalars(queries.user_by_id(user_id)).first()
 
 
 def get_by_email(session: Session, email: str) -> User | None:
     """The user whose email equals `email` without regard to case."""
-    return session.scalars(select(User).where(func.lower(User.email) == email.lower())).first()
+    return session.scalars(queries.user_by_email(email)).first()
 
 
 def get_by_username(session: Session, username: str) -> User | None:
     """The user named `username` (exact match)."""
-    return session.scalars(select(User).where(User.username == username)).first()
+    return session.scalars(queries.user_by_username(username)).first()
 
 
 def list_(session: Session, skip: int = 0, limit: int = 100) -> list[User]:
     """Users ordered by id, `limit` of them after the first `skip`."""
-    skip, limit = page(skip, limit)
-    return list(session.scalars(select(User).order_by(User.id).offset(skip).limit(limit)))
+    return list(session.scalars(queries.users_page(skip, limit)))
 
 
 def _password_hash(data: UserCreate | UserUpdate) -> str | None:
