@@ -13,6 +13,7 @@ from kombu.entity import Queue
 from worker import db
 from worker.config import NoServerError, Settings, broker_url, get_settings, result_backend_url
 from worker.security import redact
+from worker.transport import transport_for
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def configure(app: Celery, settings: Settings) -> None:
     app.conf.update(
         broker_url=broker or "memory://",
         # The atomic fetch; "memory://" (eager tests, no broker) keeps kombu's own transport.
-        broker_transport="worker.transport:Transport" if broker else None,
+        broker_transport=transport_for(broker) if broker else None,
         worker_consumer="worker.intake:Consumer",
         result_backend=backend or "cache+memory://",
         task_serializer="json",

@@ -136,8 +136,8 @@ class QoS(kombu_redis.QoS):
                 client.hdel(deliveries_key(str(name)), delivery_tag)
 
 
-class Channel(kombu_redis.Channel):
-    """A Redis channel whose fetch is atomic (see the module docstring)."""
+class AtomicFetch(kombu_redis.Channel):
+    """What makes a Redis channel's fetch atomic (see the module docstring)."""
 
     QoS = QoS
     # One list per queue: BLMOVE watches exactly one (priority sub-lists are not consumed).
@@ -242,6 +242,18 @@ class Channel(kombu_redis.Channel):
                 return None
 
 
+class Channel(AtomicFetch):
+    """A Redis channel with the atomic fetch."""
+
+
+class SentinelChannel(AtomicFetch, kombu_redis.SentinelChannel):
+    """A Redis Sentinel channel with the atomic fetch."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.SentinelChannel.from_transport_options, "max_message_bytes",
+    )
+
+
 class Transport(kombu_redis.Transport):
     """The Redis transport with the atomic fetch; select it with `broker_transport`."""
 
@@ -252,3 +264,14 @@ class Transport(kombu_redis.Transport):
 
         return str(redis.__version__)
 
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """The Redis Sentinel transport (`sentinel://` URLs) with the atomic fetch."""
+
+    Channel = SentinelChannel
+
+
+def transport_for(url: str) -> str:
+    """The `broker_transport` path for a broker URL."""
+    return ("worker.transport:SentinelTransport" if url.startswith("sentinel")
+            else "worker.transport:Transport")
