@@ -95,6 +95,8 @@ def configure(app: Celery, settings: Settings) -> None:
             "socket_keepalive": True,
             "health_check_interval": 10,
             "retry_on_timeout": True,
+            **({"master_name": settings.broker_sentinel_master}
+               if settings.broker_sentinel_master else {}),
         },
         result_backend_transport_options={"retry_policy": {"timeout": 10.0}},
         redis_socket_timeout=10,

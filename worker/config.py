@@ -23,6 +23,9 @@ class Settings(BaseSettings):
         default=None, description="Where task results go; unset: the broker's Redis"
     )
     commands_queue: str = Field(default="commands", min_length=1)
+    broker_sentinel_master: str | None = Field(
+        default=None, description="Sentinel master name, with a sentinel:// BROKER_URL"
+    )
 
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
