@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from worker.errors import Invalid, Stale
+from worker.errors import CommandRejected, Invalid, Stale
 
 MAX_PAGE_SIZE = 1000
 
@@ -29,3 +29,10 @@ def check_version(entity: Versioned, expected_version: int | None) -> None:
     """Raise `Stale` when `expected_version` is given and differs from the stored version."""
     if expected_version is not None and entity.version != expected_version:
         raise Stale(f"expected version {expected_version}, stored version is {entity.version}")
+
+
+def applied(outcome: CommandRejected | dict[str, Any]) -> dict[str, Any]:
+    """The record a set-based write stored, or its rejection raised."""
+    if isinstance(outcome, CommandRejected):
+        raise outcome
+    return outcome

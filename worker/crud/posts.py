@@ -6,10 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, selectinload
 
-from worker import queries
-from worker.crud import tags as tags_crud
-from worker.crud import users as users_crud
-from worker.errors import NotFound
+from worker import queries, writes
+from worker.crud.common import applied
 from worker.models import Post
 from worker.schemas import PostCreate, PostDetail, PostRecord, PostUpdate, UserRecord
 
@@ -34,34 +32,26 @@ def list_by_author(session: Session, author_id: int, skip: int = 0, limit: int =
 
 def create(session: Session, data: PostCreate) -> Post:
     """Insert a post by an existing author; tags named but missing are created."""
-    # A concurrent delete of the author still fails the insert on the foreign key (not_found).
-    if users_crud.get(session, data.author_id) is None:
-        raise NotFound(f"author {data.author_id} does not exist")
-    post = Post(title=data.title, content=data.content, author_id=data.author_id)
-    post.tags = tags_crud.get_or_create_many(session, data.tags)
-    session.add(post)
-    session.flush()
+    (outcome,) = writes.create_posts(session, [data])
+    post = get(session, applied(outcome)["id"])
+    assert post is not None
     return post
 
 
 def update(session: Session, post: Post, data: PostUpdate) -> Post:
-    """Change only the fields given; `tags` replaces the whole set."""
-    fields = data.model_fields_set
-    if "title" in fields and data.title is not None:
-        post.title = data.title
-    if "content" in fields:
-        post.content = data.content
-    if "tags" in fields and data.tags is not None:
-        post.tags = tags_crud.get_or_create_many(session, data.tags)
-    post.version += 1
-    session.flush()
+    """Change only the fields given; `tags` replaces the whole set; bumps the version."""
+    (outcome,) = writes.update_posts(session, [writes.Change(post.id, None, data)])
+    applied(outcome)
+    session.refresh(post)
+    session.refresh(post, ["tags"])
     return post
 
 
 def delete(session: Session, post: Post) -> None:
     """Delete `post`; the database removes its tag links."""
-    session.delete(post)
-    session.flush()
+    (outcome,) = writes.delete_posts(session, [writes.Change(post.id, None)])
+    applied(outcome)
+    session.expunge(post)
 
 
 def to_record(post: Post) -> dict[str, Any]:

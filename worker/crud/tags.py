@@ -6,11 +6,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker import queries
-from worker.errors import Conflict
+from worker import queries, writes
+from worker.crud.common import applied
 from worker.models import Tag
 from worker.schemas import TagCreate, TagRecord, TagUpdate
 
@@ -35,44 +34,33 @@ def list_(session: Session, skip: int = 0, limit: int = 100) -> list[Tag]:
 
 def create(session: Session, data: TagCreate) -> Tag:
     """Insert a tag; `Conflict` when the name is taken."""
-    if get_by_name(session, data.name) is not None:
-        raise Conflict("tag name already taken")
-    tag = Tag(name=data.name)
-    session.add(tag)
-    session.flush()
+    (outcome,) = writes.create_tags(session, [data])
+    tag = session.get(Tag, applied(outcome)["id"])
+    assert tag is not None
     return tag
 
 
 def update(session: Session, tag: Tag, data: TagUpdate) -> Tag:
-    """Rename `tag`; `Conflict` when another tag has the name."""
-    holder = get_by_name(session, data.name)
-    if holder is not None and holder.id != tag.id:
-        raise Conflict("tag name already taken")
-    tag.name = data.name
-    tag.version += 1
-    session.flush()
+    """Rename `tag` (bumping its version); `Conflict` when another tag has the name."""
+    (outcome,) = writes.update_tags(session, [writes.Change(tag.id, None, data)])
+    applied(outcome)
+    session.refresh(tag)
     return tag
 
 
 def delete(session: Session, tag: Tag) -> None:
     """Delete `tag`; the database removes its links to posts."""
-    session.delete(tag)
-    session.flush()
+    (outcome,) = writes.delete_tags(session, [writes.Change(tag.id, None)])
+    applied(outcome)
+    session.expunge(tag)
 
 
 def get_or_create_many(session: Session, names: Iterable[str]) -> list[Tag]:
     """The tags named `names` (each once, in the order given), creating the missing ones."""
     wanted = list(dict.fromkeys(names))
-    if not wanted:
-        return []
-    # ON CONFLICT DO NOTHING waits for a concurrent insert of the same name instead of failing.
-    session.execute(
-        insert(Tag)
-        .values([{"name": name} for name in wanted])
-        .on_conflict_do_nothing(index_elements=[Tag.name])
-    )
-    by_name = {tag.name: tag for tag in session.scalars(select(Tag).where(Tag.name.in_(wanted)))}
-    return [by_name[name] for name in wanted]
+    ids = writes.ensure_tags(session, wanted)
+    by_id = {tag.id: tag for tag in session.scalars(select(Tag).where(Tag.id.in_(ids.values())))}
+    return [by_id[ids[name]] for name in wanted]
 
 
 def to_record(tag: Tag) -> dict[str, Any]:

@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from worker import queries
-from worker.errors import Conflict
+from worker import queries, writes
+from worker.crud.common import applied
 from worker.models import User
 from worker.schemas import UserCreate, UserRecord, UserUpdate
 from worker.security import hash_password
@@ -36,64 +36,35 @@ def list_(session: Session, skip: int = 0, limit: int = 100) -> list[User]:
     return list(session.scalars(queries.users_page(skip, limit)))
 
 
-def _password_hash(data: UserCreate | UserUpdate) -> str | None:
-    if data.password_hash is not None:
-        return data.password_hash
-    if data.password is not None:
-        return hash_password(data.password.get_secret_value())
-    return None
-
-
-def _check_unique(
-    session: Session, user_id: int | None, username: str | None, email: str | None
-) -> None:
-    if username is not None:
-        holder = get_by_username(session, username)
-        if holder is not None and holder.id != user_id:
-            raise Conflict("username already taken")
-    if email is not None:
-        holder = get_by_email(session, email)
-        if holder is not None and holder.id != user_id:
-            raise Conflict("email already registered")
+def _hashed(data: UserCreate | UserUpdate) -> Any:
+    """`data` with its password replaced by the hash (what worker/writes.py stores)."""
+    if data.password is None:
+        return data
+    hashed = hash_password(data.password.get_secret_value())
+    return data.model_copy(update={"password": None, "password_hash": hashed})
 
 
 def create(session: Session, data: UserCreate) -> User:
-    """Insert a user; `Conflict` when the username or email is taken."""
-    _check_unique(session, None, data.username, data.email)
-    hashed = _password_hash(data)
-    assert hashed is not None  # UserCreate requires a password or its hash
-    user = User(
-        username=data.username,
-        email=data.email,
-        hashed_password=hashed,
-        is_active=data.is_active,
-    )
-    session.add(user)
-    session.flush()
+    """Insert a user (hashing its password); `Conflict` when the username or email is taken."""
+    (outcome,) = writes.create_users(session, [_hashed(data)])
+    user = session.get(User, applied(outcome)["id"])
+    assert user is not None
     return user
 
 
 def update(session: Session, user: User, data: UserUpdate) -> User:
-    """Change only the fields given in `data` (a password is re-hashed)."""
-    _check_unique(session, user.id, data.username, data.email)
-    if data.username is not None:
-        user.username = data.username
-    if data.email is not None:
-        user.email = data.email
-    if data.is_active is not None:
-        user.is_active = data.is_active
-    hashed = _password_hash(data)
-    if hashed is not None:
-        user.hashed_password = hashed
-    user.version += 1
-    session.flush()
+    """Change only the fields given in `data` (a password is re-hashed); bumps the version."""
+    (outcome,) = writes.update_users(session, [writes.Change(user.id, None, _hashed(data))])
+    applied(outcome)
+    session.refresh(user)
     return user
 
 
 def delete(session: Session, user: User) -> None:
     """Delete `user`; the database cascades to their posts and those posts' tag links."""
-    session.delete(user)
-    session.flush()
+    (outcome,) = writes.delete_users(session, [writes.Change(user.id, None)])
+    applied(outcome)
+    session.expunge(user)
 
 
 def to_record(user: User) -> dict[str, Any]:
