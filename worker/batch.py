@@ -163,13 +163,28 @@ class BatchConsumer:
                              args=repr(redact(item.command.args)),
                              kwargs=repr(redact(item.command.kwargs)),
                              retries=0)
-        commands = [item.command for item in received]
         started = time.monotonic()
-        self._apply_with_retries(commands)
+        try:
+            self._apply_with_retries([item.command for item in received])
+            done = list(received)
+        except Exception:
+            # A bug, not a fault of the input: apply the commands one by one so that only
+            # the one that trips it stays unacknowledged (redelivered, then dead-lettered
+            # once MAX_DELIVERIES is reached) and the rest of the batch is not held hostage.
+            logger.exception("a batch of %d failed; applying its commands one by one",
+                             len(received))
+            done = []
+            for item in received:
+                try:
+                    self._apply_with_retries([item.command])
+                    done.append(item)
+                except Exception:
+                    logger.exception("command %s failed; left for redelivery",
+                                     item.command.task_id)
         runtime = time.monotonic() - started
-        self._store_outcomes(commands, runtime)
-        self._ack([item.delivery_tag for item in received if item.delivery_tag])
-        self.processed += len(commands)
+        self._store_outcomes([item.command for item in done], runtime)
+        self._ack([item.delivery_tag for item in done if item.delivery_tag])
+        self.processed += len(done)
 
     # --- steps --------------------------------------------------------------------------
 
@@ -181,8 +196,6 @@ class BatchConsumer:
                 return
             except sa_exc.SQLAlchemyError as error:
                 if not apply.is_transient(error):
-                    # A bug, not a fault of the input: keep the messages (not acked) for
-                    # redelivery and make the failure loud.
                     raise
                 attempt += 1
                 if attempt > self.settings.max_retries:

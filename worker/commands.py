@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import celery
+from celery.exceptions import Reject
 from sqlalchemy import exc as sa_exc
 
 from worker import apply
@@ -45,7 +46,7 @@ def execute(task: CommandTask, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         apply.run_batch([command])
     except sa_exc.SQLAlchemyError as error:
         if not apply.is_transient(error):
-            raise
+            raise _redeliver(error) from error
         retries = task.request.retries
         if retries < get_settings().max_retries:
             logger.warning("transient fault in %s, retrying: %s", task.name,
@@ -59,10 +60,24 @@ def execute(task: CommandTask, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             # Not recorded yet: keep the command until the database is back.
             raise task.retry(countdown=get_settings().retry_backoff_max, max_retries=None,
                              exc=still_down) from None
+    except CommandRejected:
+        raise
+    except Exception as error:
+        raise _redeliver(error) from error
     if command.rejection is not None:
         raise command.rejection
     assert command.result is not None
     return command.result
+
+
+def _redeliver(error: Exception) -> Reject:
+    """A bug, not a fault of the input: back on the queue, counted, never silently dropped.
+
+    After MAX_DELIVERIES such deliveries the command becomes a `retries_exhausted` dead letter.
+    """
+    logger.error("unexpected %s; the command goes back on the queue", type(error).__name__,
+                 exc_info=error)
+    return Reject(repr(error), requeue=True)
 
 
 def command_task(name: str) -> CommandTask:
