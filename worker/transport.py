@@ -150,14 +150,24 @@ class AtomicFetch(kombu_redis.Channel):
     _polled_queue: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._unacknowledged_queues: set[str] = set()
         super().__init__(*args, **kwargs)
         self._take = self.client.register_script(TAKE_SCRIPT)
 
     def _reliable_queue(self) -> str | None:
-        # BLMOVE watches one list: one queue, no priority sub-queues.
+        # BLMOVE watches one list: one queue, no priority sub-queues. Queues consumed without
+        # acknowledgement (control replies) keep kombu's own fetch: nothing to recover there.
         if len(self.active_queues) != 1 or list(self.priority_steps) != [0]:
             return None
-        return str(next(iter(self.active_queues)))
+        queue = str(next(iter(self.active_queues)))
+        return None if queue in self._unacknowledged_queues else queue
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._unacknowledged_queues.add(queue)
+        else:
+            self._unacknowledged_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queue = self._reliable_queue()
