@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +25,17 @@ def sync_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
+def pool_options(settings: Settings) -> dict[str, Any]:
+    """The pool every engine of this project uses, sync or async (pre-ping always on)."""
+    return {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        "pool_timeout": settings.db_pool_timeout,
+        "pool_recycle": settings.db_pool_recycle,
+        "pool_pre_ping": True,
+    }
+
+
 def build_engine(settings: Settings | None = None, url: str | None = None) -> Engine:
     """A new pooled engine with the configured pool and per-session timeouts."""
     settings = settings or get_settings()
@@ -33,11 +45,7 @@ def build_engine(settings: Settings | None = None, url: str | None = None) -> En
     )
     return create_engine(
         sync_url(url or database_url(settings)),
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        pool_pre_ping=True,
+        **pool_options(settings),
         connect_args={"options": options, "application_name": "command-worker"},
     )
 
