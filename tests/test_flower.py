@@ -36,7 +36,7 @@ def get(url: str, auth: str | None = None) -> tuple[int, Any]:
     if auth:
         request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=5) as response:
             body = response.read()
             try:
                 return response.status, json.loads(body or b"null")
