@@ -9,7 +9,7 @@ caller retry the commands one by one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,18 @@ def _locked(session: Session, table: str, changes: Sequence[Change],
         else:
             verdicts.append(None)
     return rows, verdicts
+
+
+def _delete(session: Session, table: str, label: str, changes: Sequence[Change],
+            record: Callable[[Any], Record]) -> list[Outcome]:
+    """Delete the rows that pass the checks; each outcome is the record as it was."""
+    rows, verdicts = _locked(session, table, changes, label)
+    doomed = [change.id for change, verdict in zip(changes, verdicts, strict=True) if not verdict]
+    if doomed:
+        session.execute(text(f"DELETE FROM {table} WHERE id = ANY(CAST(:ids AS int[]))"),
+                        {"ids": doomed})
+    return [verdict or record(rows[change.id])
+            for change, verdict in zip(changes, verdicts, strict=True)]
 
 
 # --- tags ---------------------------------------------------------------------------------
@@ -154,13 +166,7 @@ def update_tags(session: Session, changes: Sequence[Change]) -> list[Outcome]:
 
 def delete_tags(session: Session, changes: Sequence[Change]) -> list[Outcome]:
     """Delete tags (their links to posts go with them)."""
-    rows, verdicts = _locked(session, "tags", changes, "tag")
-    doomed = [change.id for change, verdict in zip(changes, verdicts, strict=True) if not verdict]
-    if doomed:
-        session.execute(text("DELETE FROM tags WHERE id = ANY(CAST(:ids AS int[]))"),
-                        {"ids": doomed})
-    return [verdict or _tag(rows[change.id]) for change, verdict in zip(changes, verdicts,
-                                                                       strict=True)]
+    return _delete(session, "tags", "tag", changes, _tag)
 
 
 # --- users --------------------------------------------------------------------------------
@@ -255,13 +261,7 @@ def update_users(session: Session, changes: Sequence[Change]) -> list[Outcome]:
 
 def delete_users(session: Session, changes: Sequence[Change]) -> list[Outcome]:
     """Delete users; their posts and those posts' tag links go with them."""
-    rows, verdicts = _locked(session, "users", changes, "user")
-    doomed = [change.id for change, verdict in zip(changes, verdicts, strict=True) if not verdict]
-    if doomed:
-        session.execute(text("DELETE FROM users WHERE id = ANY(CAST(:ids AS int[]))"),
-                        {"ids": doomed})
-    return [verdict or _user(rows[change.id]) for change, verdict in zip(changes, verdicts,
-                                                                        strict=True)]
+    return _delete(session, "users", "user", changes, _user)
 
 
 # --- posts --------------------------------------------------------------------------------
