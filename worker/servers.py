@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -201,31 +202,91 @@ def _read_postmaster_pid(pgdata: Path) -> _PostmasterPid | None:
     return _PostmasterPid(pid, port, status)
 
 
-class EmbeddedPostgres:
-    """A private PostgreSQL 18 on 127.0.0.1:port; cluster in data_dir/pgdata, log in data_dir."""
+class _Server:
+    """What both servers share: data_dir, a port (retried when taken), the process we own."""
+
+    name = "server"
+    log_name = "server.log"
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         """Describe the server; nothing starts until start()."""
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.pgdata = self.data_dir / "pgdata"
-        self.log_file = self.data_dir / "postgres.log"
+        self.log_file = self.data_dir / self.log_name
         self._port_fixed = port is not None
         self.port = port if port is not None else free_port()
         self._process: _Process | None = None
 
     @property
-    def url(self) -> str:
-        """The SQLAlchemy URL of the `postgres` database as superuser `postgres`."""
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-
-    @property
     def pid(self) -> int | None:
-        """The postmaster's pid while it runs."""
+        """The server's pid while it runs."""
         return self._process.pid if self.is_running() and self._process else None
 
     def is_running(self) -> bool:
-        """Whether the postmaster this object started (or took over) still runs."""
+        """Whether the server this object started (or took over) still runs (paused included)."""
         return self._process is not None and self._process.alive()
+
+    def start(self, timeout: float = 30) -> None:
+        """Start the server and wait until it answers."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the server and wait for the end."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """SIGKILL the server."""
+        raise NotImplementedError
+
+    def _spawn_until_ready(self, spawn: Callable[[], _Process], deadline: float) -> None:
+        """Spawn and wait; an automatically chosen port found taken is replaced (3 tries)."""
+        for attempt in range(_PORT_ATTEMPTS):
+            offset = _size(self.log_file)
+            process = spawn()
+            try:
+                self._wait_ready(process, offset, deadline)
+                return
+            except _PortInUse:
+                if self._port_fixed or attempt == _PORT_ATTEMPTS - 1:
+                    raise RuntimeError(f"{self.name}: port {self.port} is in use") from None
+                self.port = free_port()
+
+    def _wait_ready(self, process: _Process, offset: int, deadline: float) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        """Start the server (killing it if it does not come up)."""
+        try:
+            self.start()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop the server gracefully."""
+        self.stop()
+
+
+class EmbeddedPostgres(_Server):
+    """A private PostgreSQL 18 on 127.0.0.1:port; cluster in data_dir/pgdata, log in data_dir."""
+
+    name = "PostgreSQL"
+    log_name = "postgres.log"
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        """Describe the server; nothing starts until start()."""
+        super().__init__(data_dir, port)
+        self.pgdata = self.data_dir / "pgdata"
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL of the `postgres` database as superuser `postgres`."""
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self, timeout: float = 30) -> None:
         """Initialise the cluster on first use, start it and wait until it accepts connections."""
@@ -240,16 +301,7 @@ class EmbeddedPostgres:
             self._initdb(user)
         if self._take_over_leftover(deadline):
             return
-        for attempt in range(_PORT_ATTEMPTS):
-            offset = _size(self.log_file)
-            process = self._spawn(user)
-            try:
-                self._wait_ready(process, offset, deadline)
-                return
-            except _PortInUse:
-                if self._port_fixed or attempt == _PORT_ATTEMPTS - 1:
-                    raise RuntimeError(f"PostgreSQL: port {self.port} is in use") from None
-                self.port = free_port()
+        self._spawn_until_ready(lambda: self._spawn(user), deadline)
 
     def stop(self, mode: str = "fast", timeout: float = 60) -> None:
         """Shut down like `pg_ctl stop -m mode` (smart, fast or immediate) and wait for the end."""
@@ -286,24 +338,6 @@ class EmbeddedPostgres:
         """stop(mode), then start()."""
         self.stop(mode)
         self.start()
-
-    def __enter__(self) -> Self:
-        """Start the server (stopping it again if it does not come up)."""
-        try:
-            self.start()
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the server (fast)."""
-        self.stop("fast")
 
     def _grant(self, user: _SystemUser) -> None:
         """Let the system user reach data_dir and own it (and the cluster)."""
@@ -433,32 +467,22 @@ class EmbeddedPostgres:
             time.sleep(_POLL)
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_Server):
     """A private Redis 6.2 on 127.0.0.1:port; data (AOF), log and pid file in data_dir."""
+
+    name = "Redis"
+    log_name = "redis.log"
 
     def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = True) -> None:
         """Describe the server; nothing starts until start()."""
-        self.data_dir = Path(data_dir).expanduser().resolve()
+        super().__init__(data_dir, port)
         self.appendonly = appendonly
-        self.log_file = self.data_dir / "redis.log"
         self.pid_file = self.data_dir / "redis.pid"
-        self._port_fixed = port is not None
-        self.port = port if port is not None else free_port()
-        self._process: _Process | None = None
 
     @property
     def url(self) -> str:
         """The redis:// URL of database 0."""
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's pid while it runs."""
-        return self._process.pid if self.is_running() and self._process else None
-
-    def is_running(self) -> bool:
-        """Whether the server this object started (or took over) still runs (paused included)."""
-        return self._process is not None and self._process.alive()
 
     def start(self, timeout: float = 15) -> None:
         """Start the server (loading its AOF) and wait until it answers PING."""
@@ -468,16 +492,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._take_over_leftover(deadline):
             return
-        for attempt in range(_PORT_ATTEMPTS):
-            offset = _size(self.log_file)
-            process = self._spawn()
-            try:
-                self._wait_ready(process, offset, deadline)
-                return
-            except _PortInUse:
-                if self._port_fixed or attempt == _PORT_ATTEMPTS - 1:
-                    raise RuntimeError(f"Redis: port {self.port} is in use") from None
-                self.port = free_port()
+        self._spawn_until_ready(self._spawn, deadline)
 
     def stop(self, timeout: float = 30) -> None:
         """Shut down gracefully (SIGTERM, Redis's SHUTDOWN: the AOF is flushed) and wait."""
@@ -515,24 +530,6 @@ class EmbeddedRedis:
         """stop(), then start()."""
         self.stop()
         self.start()
-
-    def __enter__(self) -> Self:
-        """Start the server (killing it if it does not come up)."""
-        try:
-            self.start()
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the server gracefully."""
-        self.stop()
 
     def _take_over_leftover(self, deadline: float) -> bool:
         """Adopt (True) or shut down a redis-server left running on data_dir."""
