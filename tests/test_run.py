@@ -1,0 +1,72 @@
+"""`python -m worker run` on the embedded default: private servers, a stop, a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def start(cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log = (cwd / "run.log").open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "worker", "run", "--concurrency", "1"],
+                               cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    record = cwd / ".data" / "servers.json"
+    while not record.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError((cwd / "run.log").read_text())
+        time.sleep(0.2)
+    return process
+
+
+def worker_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def stop(process: subprocess.Popen[bytes], how: int) -> int:
+    process.send_signal(how)
+    return process.wait(90)
+
+
+def test_run_starts_private_servers_stops_cleanly_and_keeps_the_data(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "BROKER_URL", "RESULT_BACKEND")}
+    process = start(tmp_path, env)
+    try:
+        record = json.loads((tmp_path / ".data" / "servers.json").read_text())
+        sent = worker_cli(tmp_path, env, "send", "tags.create", "--data", '{"name": "kept"}',
+                          "--wait", "--json", "--timeout", "60")
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert json.loads(sent.stdout)["outcome"] == "applied"
+        assert worker_cli(tmp_path, env, "check").returncode == 0
+    finally:
+        code = stop(process, signal.SIGINT)
+    assert code == 0, (tmp_path / "run.log").read_text()
+    assert not (tmp_path / ".data" / "servers.json").exists()
+    servers = [p for p in psutil.process_iter(["cmdline"])
+               if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert servers == [], "a server outlived run"
+    assert record["database_url"].startswith("postgresql")
+
+    # Without `run`, the other commands say clearly that no server is running.
+    absent = worker_cli(tmp_path, env, "tags", "list")
+    assert absent.returncode == 3 and "no `python -m worker run` is running" in absent.stderr
+
+    process = start(tmp_path, env)
+    try:
+        listed = worker_cli(tmp_path, env, "tags", "list", "--json")
+        assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["kept"]
+    finally:
+        assert stop(process, signal.SIGTERM) == 0

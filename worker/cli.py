@@ -1,0 +1,479 @@
+"""The command line: `python -m worker ...` for operators and scripts (`--help` on each)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from sqlalchemy.orm import Session
+
+from worker.config import NoServerError, get_settings
+
+app = typer.Typer(help="A worker that applies user, post and tag commands from Redis to "
+                       "PostgreSQL.", no_args_is_help=True, add_completion=False)
+dead_letters_app = typer.Typer(help="Inspect, replay and discard dead letters.",
+                               no_args_is_help=True)
+commands_app = typer.Typer(help="The recorded outcome of commands.", no_args_is_help=True)
+users_app = typer.Typer(help="Read users.", no_args_is_help=True)
+posts_app = typer.Typer(help="Read posts (with their author and tags).", no_args_is_help=True)
+tags_app = typer.Typer(help="Read tags.", no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(commands_app, name="commands")
+app.add_typer(users_app, name="users")
+app.add_typer(posts_app, name="posts")
+app.add_typer(tags_app, name="tags")
+
+console = Console()
+errors = Console(stderr=True)
+
+# Exit codes: 0 done, 1 rejected / not found / unhealthy, 2 usage, 3 no server or bad config.
+REJECTED, CONFIG = 1, 3
+
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+
+
+def fail(message: str, code: int = REJECTED) -> typer.Exit:
+    """Print `message` to stderr; the exit to raise."""
+    errors.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """A read-write session on the configured (or running embedded) database."""
+    from worker.db import transaction
+
+    try:
+        with transaction() as opened:
+            yield opened
+    except NoServerError as error:
+        raise fail(str(error), CONFIG) from None
+
+
+def emit(record: dict[str, Any] | None, as_json: bool, what: str) -> None:
+    """Print a record (or fail when there is none)."""
+    if record is None:
+        raise fail(f"{what} not found")
+    if as_json:
+        print(json.dumps(record, default=str))
+        return
+    table = Table(show_header=False, title=what)
+    for key, value in record.items():
+        table.add_row(key, json.dumps(value, default=str) if not isinstance(value, str)
+                      else value)
+    console.print(table)
+
+
+def emit_rows(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
+    """Print records as a table, or one JSON object per line."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return
+    if not rows:
+        console.print(f"No {title.split()[-1]}.")
+        return
+    table = Table(title=title)
+    columns = list(rows[0]) if rows else []
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(v if isinstance(v, str) else json.dumps(v, default=str)
+                        for v in row.values()))
+    console.print(table)
+
+
+# --- running ------------------------------------------------------------------------------
+
+@app.command()
+def run(
+    migrate: Annotated[bool, typer.Option(
+        "--migrate/--no-migrate", help="Apply migrations first (else refuse an old schema).")
+    ] = True,
+    concurrency: Annotated[int, typer.Option(help="Consumer processes.")] = os.cpu_count() or 2,
+    batch_size: Annotated[int, typer.Option(help="Commands per transaction (batch).")] = 100,
+    consumer: Annotated[str, typer.Option(help="batch (fast) or celery.")] = "batch",
+) -> None:
+    """Run the worker (and Flower when FLOWER_BASIC_AUTH is set) until Ctrl-C.
+
+    With DATABASE_URL and BROKER_URL unset, private PostgreSQL and Redis servers are started
+    under DATA_DIR (.data) and kept there between runs.
+    """
+    from worker.runner import RunError
+    from worker.runner import run as run_worker
+
+    if consumer not in ("batch", "celery"):
+        raise fail("--consumer is batch or celery", 2)
+    try:
+        code = run_worker(get_settings(), apply_migrations=migrate, concurrency=concurrency,
+                          batch_size=batch_size, consumer=consumer, console=console)
+    except RunError as error:
+        raise fail(str(error), CONFIG) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def consume(
+    concurrency: Annotated[int, typer.Option(help="Consumer processes.")] = os.cpu_count() or 2,
+    batch_size: Annotated[int, typer.Option(help="Commands per transaction (batch).")] = 100,
+    events: Annotated[bool, typer.Option("--events/--no-events",
+                                         help="Send task events (Flower).")] = True,
+) -> None:
+    """Run only the batch consumer against DATABASE_URL and BROKER_URL (no migrations)."""
+    import logging
+
+    from worker.batch import consume as consume_forever
+    from worker.config import broker_url, database_url
+
+    try:
+        database_url()
+        broker_url()
+    except NoServerError as error:
+        raise fail(str(error), CONFIG) from None
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
+    raise typer.Exit(consume_forever(concurrency, batch_size, events))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply every migration (alembic upgrade head)."""
+    from worker.config import database_url
+    from worker.runner import migrate as upgrade
+
+    try:
+        url = database_url()
+    except NoServerError as error:
+        raise fail(str(error), CONFIG) from None
+    upgrade(url)
+    console.print("The schema is at the head revision.")
+
+
+@app.command()
+def check(as_json: JsonOption = False) -> None:
+    """Check the database, the broker and the schema; exit 1 when any is not right."""
+    import redis
+
+    from worker.config import broker_url, database_url
+    from worker.runner import redis_warnings, schema_revisions
+
+    results: dict[str, str] = {}
+    healthy = True
+    try:
+        url = database_url()
+        current, heads = schema_revisions(url)
+        results["database"] = "ok"
+        if current == heads:
+            results["schema"] = f"ok ({', '.join(sorted(heads))})"
+        else:
+            results["schema"] = f"at {sorted(current) or 'none'}, code at {sorted(heads)}"
+            healthy = False
+    except NoServerError as error:
+        results["database"] = str(error)
+        healthy = False
+    except Exception as error:
+        results["database"] = f"unreachable: {type(error).__name__}: {error}".splitlines()[0]
+        healthy = False
+    try:
+        client = redis.Redis.from_url(broker_url(), socket_timeout=5, socket_connect_timeout=5)
+        client.ping()
+        problems = redis_warnings(broker_url())
+        results["broker"] = "ok" + (f" (warning: {'; '.join(problems)})" if problems else "")
+    except NoServerError as error:
+        results["broker"] = str(error)
+        healthy = False
+    except Exception as error:
+        results["broker"] = f"unreachable: {type(error).__name__}"
+        healthy = False
+    if as_json:
+        print(json.dumps({"healthy": healthy, **results}))
+    else:
+        for name, verdict in results.items():
+            mark = "[green]ok[/]" if verdict.startswith("ok") else "[red]FAIL[/]"
+            console.print(f"{mark} {name}: {verdict}", highlight=False)
+    if not healthy:
+        raise typer.Exit(REJECTED)
+
+
+@app.command()
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark (see `python -m worker bench -- --help`)."""
+    import importlib
+
+    bench_main: Callable[[list[str]], int] = importlib.import_module("worker.bench").main
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
+bench_command = app.registered_commands[-1]
+bench_command.context_settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+# --- producing ----------------------------------------------------------------------------
+
+@app.command()
+def send(
+    task: Annotated[str, typer.Argument(help="users.create, posts.update, tags.delete, ...")],
+    data: Annotated[str | None, typer.Option(help="The command's data as JSON.")] = None,
+    id: Annotated[int | None, typer.Option("--id", help="The target id (update, delete).")
+                  ] = None,
+    command_id: Annotated[str | None, typer.Option(help="Idempotency key (default: new).")
+                          ] = None,
+    expected_version: Annotated[int | None, typer.Option(help="Reject as stale otherwise.")
+                                ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 30,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate and publish a command; with --wait print its outcome (exit 1 if rejected)."""
+    from worker.client import send as send_command
+    from worker.errors import Invalid
+
+    try:
+        payload = json.loads(data) if data is not None else None
+    except ValueError as error:
+        raise fail(f"--data is not JSON: {error}", 2) from None
+    try:
+        outcome = send_command(task, data=payload, id=id, command_id=command_id,
+                               expected_version=expected_version,
+                               wait=timeout if wait else None)
+    except Invalid as error:
+        raise fail(str(error)) from None
+    except NoServerError as error:
+        raise fail(str(error), CONFIG) from None
+    report: dict[str, Any] = {"task_id": outcome.task_id, "command_id": outcome.command_id,
+                              "outcome": outcome.outcome}
+    if outcome.result is not None:
+        report.update(entity=outcome.result.get("entity"), id=outcome.result.get("id"),
+                      data=outcome.result.get("data"))
+    if outcome.reason is not None:
+        report.update(reason=outcome.reason, error=outcome.error)
+    emit(report, as_json, f"{task}")
+    if outcome.outcome == "rejected":
+        raise typer.Exit(REJECTED)
+    if wait and outcome.outcome == "pending":
+        raise fail(f"no outcome within {timeout} s (is a worker running?)")
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    command_id: Annotated[str | None, typer.Option(help="Only this command id.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many (default: all).")
+                     ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Every dead letter matching the filters, oldest first."""
+    from worker import deadletters
+
+    with session() as opened:
+        letters = [deadletters.to_dict(letter) for letter in deadletters.list_(
+            opened, reason=reason, task=task, command_id=command_id, limit=limit)]
+    if not as_json:
+        letters = [{k: v for k, v in letter.items() if k != "kwargs"} for letter in letters]
+    emit_rows(letters, as_json, f"{len(letters)} dead letters")
+
+
+@dead_letters_app.command("show")
+def dead_letters_show(letter_id: int, as_json: JsonOption = False) -> None:
+    """One dead letter, with its (secret-free) arguments and raw message."""
+    from worker import deadletters
+
+    with session() as opened:
+        letter = deadletters.get(opened, letter_id)
+        record = None if letter is None else {**deadletters.to_dict(letter),
+                                              "raw_body": letter.raw_body}
+    emit(record, as_json, f"dead letter {letter_id}")
+
+
+@dead_letters_app.command("replay")
+def dead_letters_replay(
+    letter_id: Annotated[int | None, typer.Argument(help="The dead letter to replay.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Replay every dead letter of a reason.")
+                      ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for each outcome.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish dead letters again as first sent, under their original command_id.
+
+    A replayed command that was applied meanwhile comes back as a duplicate. A replayed
+    dead letter is deleted once published; if it is rejected again, a new one is recorded.
+    """
+    from worker import deadletters
+    from worker.client import publish
+
+    if (letter_id is None) == (reason is None):
+        raise fail("give a dead letter id or --reason", 2)
+    with session() as opened:
+        letters = ([deadletters.get(opened, letter_id)] if letter_id is not None
+                   else list(deadletters.list_(opened, reason=reason)))
+        chosen = [(letter.id, letter.task, letter.command_id, letter.kwargs)
+                  for letter in letters if letter is not None]
+    if not chosen:
+        raise fail("no such dead letter")
+    replayable = [c for c in chosen if c[1] and isinstance(c[3], dict) and "args" not in c[3]]
+    for skipped in [c for c in chosen if c not in replayable]:
+        errors.print(f"dead letter {skipped[0]} cannot be replayed "
+                     "(no task or keyword arguments were kept)")
+    steps: Callable[[list[Any]], Any] = (
+        (lambda items: items) if as_json or len(replayable) < 2
+        else (lambda items: track(items, description="Replaying", console=errors)))
+    rejected = False
+    for letter_id_, task, command_id_, kwargs in steps(replayable):
+        kwargs = dict(kwargs)
+        if command_id_:
+            kwargs["command_id"] = command_id_
+        outcome = publish(str(task), kwargs, wait=30 if wait else None)
+        with session() as opened:
+            deadletters.discard(opened, letter_id_)
+        rejected = rejected or outcome.outcome == "rejected"
+        emit({"dead_letter": letter_id_, "task_id": outcome.task_id,
+              "command_id": outcome.command_id, "outcome": outcome.outcome,
+              **({"reason": outcome.reason, "error": outcome.error} if outcome.reason else {})},
+             as_json, "replayed")
+    if rejected or len(replayable) < len(chosen):
+        raise typer.Exit(REJECTED)
+
+
+@dead_letters_app.command("discard")
+def dead_letters_discard(letter_id: int) -> None:
+    """Delete a dead letter."""
+    from worker import deadletters
+
+    with session() as opened:
+        found = deadletters.discard(opened, letter_id)
+    if not found:
+        raise fail(f"dead letter {letter_id} not found")
+    console.print(f"Discarded dead letter {letter_id}.")
+
+
+# --- commands -----------------------------------------------------------------------------
+
+@commands_app.command("show")
+def commands_show(command_id: str, as_json: JsonOption = False) -> None:
+    """The outcome recorded for COMMAND_ID: applied (with its result) or dead-lettered."""
+    from worker import deadletters, ledger
+
+    with session() as opened:
+        entry = ledger.get(opened, command_id)
+        if entry is not None:
+            record: dict[str, Any] | None = {
+                "command_id": command_id, "task": entry.task, "outcome": "applied",
+                "applied_at": entry.applied_at.isoformat(), "result": entry.result}
+        else:
+            letters = deadletters.list_(opened, command_id=command_id)
+            record = None if not letters else {
+                "command_id": command_id, "task": letters[-1].task, "outcome": "rejected",
+                "reason": letters[-1].reason, "error": letters[-1].error,
+                "dead_letters": [letter.id for letter in letters]}
+    emit(record, as_json, f"command {command_id}")
+
+
+# --- reads --------------------------------------------------------------------------------
+
+Skip = Annotated[int, typer.Option(help="How many to skip.")]
+Limit = Annotated[int, typer.Option(help="How many at most (1 to 1000).")]
+
+
+def _page(fetch: Callable[[Session, int, int], list[Any]],
+          record: Callable[[Any], dict[str, Any]], skip: int, limit: int, as_json: bool,
+          title: str) -> None:
+    from worker.errors import Invalid
+
+    try:
+        with session() as opened:
+            rows = [record(item) for item in fetch(opened, skip, limit)]
+    except Invalid as error:
+        raise fail(str(error), 2) from None
+    emit_rows(rows, as_json, title)
+
+
+@users_app.command("get")
+def users_get(user_id: int, as_json: JsonOption = False) -> None:
+    """A user by id."""
+    from worker import crud
+
+    with session() as opened:
+        user = crud.users.get(opened, user_id)
+        emit(crud.users.to_record(user) if user else None, as_json, f"user {user_id}")
+
+
+@users_app.command("list")
+def users_list(skip: Skip = 0, limit: Limit = 100, as_json: JsonOption = False) -> None:
+    """Users ordered by id."""
+    from worker import crud
+
+    _page(crud.users.list_, crud.users.to_record, skip, limit, as_json, "users")
+
+
+@users_app.command("by-email")
+def users_by_email(email: str, as_json: JsonOption = False) -> None:
+    """A user by email (case-insensitive)."""
+    from worker import crud
+
+    with session() as opened:
+        user = crud.users.get_by_email(opened, email)
+        emit(crud.users.to_record(user) if user else None, as_json, f"user {email}")
+
+
+@users_app.command("by-username")
+def users_by_username(username: str, as_json: JsonOption = False) -> None:
+    """A user by username."""
+    from worker import crud
+
+    with session() as opened:
+        user = crud.users.get_by_username(opened, username)
+        emit(crud.users.to_record(user) if user else None, as_json, f"user {username}")
+
+
+@posts_app.command("get")
+def posts_get(post_id: int, as_json: JsonOption = False) -> None:
+    """A post by id, with its author and tags."""
+    from worker import crud
+
+    with session() as opened:
+        post = crud.posts.get(opened, post_id)
+        emit(crud.posts.to_detail(post) if post else None, as_json, f"post {post_id}")
+
+
+@posts_app.command("list")
+def posts_list(skip: Skip = 0, limit: Limit = 100, as_json: JsonOption = False) -> None:
+    """Posts ordered by id, with their author and tags (loaded in two statements)."""
+    from worker import crud
+
+    _page(crud.posts.list_, crud.posts.to_detail, skip, limit, as_json, "posts")
+
+
+@tags_app.command("get")
+def tags_get(tag_id: int, as_json: JsonOption = False) -> None:
+    """A tag by id."""
+    from worker import crud
+
+    with session() as opened:
+        tag = crud.tags.get(opened, tag_id)
+        emit(crud.tags.to_record(tag) if tag else None, as_json, f"tag {tag_id}")
+
+
+@tags_app.command("list")
+def tags_list(skip: Skip = 0, limit: Limit = 100, as_json: JsonOption = False) -> None:
+    """Tags ordered by id."""
+    from worker import crud
+
+    _page(crud.tags.list_, crud.tags.to_record, skip, limit, as_json, "tags")
+
+
+def main() -> None:
+    """Entry point of `python -m worker`."""
+    app(prog_name="python -m worker")
+
+
+if __name__ == "__main__":
+    main()
