@@ -157,3 +157,80 @@ def test_a_race_the_checks_cannot_see_falls_back_to_one_by_one(
         with engine.begin() as connection:
             connection.execute(text("DROP INDEX race"))
         engine.dispose()
+
+
+def random_commands(seed: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """Commands over a few names and ids, so that many of them interact."""
+    import random
+
+    chooser = random.Random(seed)
+    names = [f"n{i}" for i in range(5)]
+    made: list[tuple[str, dict[str, Any]]] = []
+    for _ in range(count):
+        kind = chooser.choice(["users.create", "users.update", "users.delete", "posts.create",
+                               "posts.update", "posts.delete", "tags.create", "tags.update",
+                               "tags.delete"])
+        some_id = chooser.randint(1, 8)
+        tags = chooser.sample(names, chooser.randint(0, 2))
+        if kind == "users.create":
+            name = chooser.choice(names)
+            made.append((kind, {"data": {"username": name, "email": f"{name}@x.io",
+                                         "password": PASSWORD}}))
+        elif kind == "users.update":
+            made.append((kind, {"id": some_id, "data": {"email": f"{chooser.choice(names)}@x.io"}}))
+        elif kind == "posts.create":
+            made.append((kind, {"data": {"title": "t", "author_id": some_id, "tags": tags}}))
+        elif kind == "posts.update":
+            made.append((kind, {"id": some_id, "data": {"tags": tags, "title": "u"}}))
+        elif kind == "tags.create":
+            made.append((kind, {"data": {"name": chooser.choice(names)}}))
+        elif kind == "tags.update":
+            made.append((kind, {"id": some_id, "data": {"name": chooser.choice(names)}}))
+        else:
+            made.append((kind, {"id": some_id}))
+    return made
+
+
+def timeless(cmd: apply.Command) -> dict[str, Any] | None:
+    if cmd.result is None:
+        return None
+    return {k: v for k, v in cmd.result["data"].items() if not k.endswith("_at")}
+
+
+def snapshot(url: str) -> dict[str, list[Any]]:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        state = {
+            "users": [tuple(r) for r in connection.execute(text(
+                "SELECT id, username, email, version FROM users ORDER BY id"))],
+            "posts": [tuple(r) for r in connection.execute(text(
+                "SELECT id, title, author_id, version FROM posts ORDER BY id"))],
+            "tags": [tuple(r) for r in connection.execute(text(
+                "SELECT id, name, version FROM tags ORDER BY id"))],
+            "links": [tuple(r) for r in connection.execute(text(
+                "SELECT post_id, tag_id FROM post_tags ORDER BY 1, 2"))],
+        }
+    engine.dispose()
+    return state
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_has_the_outcomes_of_applying_its_commands_one_by_one(
+    clean_database: str, seed: int
+) -> None:
+    """Grouping and reordering inside a batch never changes what happens."""
+    from tests.conftest import truncate_all
+
+    made = random_commands(seed, 150)
+    one_by_one = [command(task, **kwargs) for task, kwargs in made]
+    for each in one_by_one:
+        run(each)
+    expected = snapshot(clean_database)
+    truncate_all(clean_database)
+
+    batched = [command(task, **kwargs) for task, kwargs in made]
+    for start in range(0, len(batched), 50):
+        run(*batched[start:start + 50])
+    assert [outcome(c) for c in batched] == [outcome(c) for c in one_by_one]
+    assert [timeless(c) for c in batched] == [timeless(c) for c in one_by_one]
+    assert snapshot(clean_database) == expected

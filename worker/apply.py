@@ -168,20 +168,76 @@ def _claim(session: Session, commands: Sequence[Command]) -> None:
         command.result = {**stored[command.key], "outcome": "duplicate"}
 
 
+Footprint = frozenset[tuple[str, object]]
+
+
+def footprint(command: Command) -> Footprint | None:
+    """What a command reads or writes, as keys; None for one whose reach is open-ended.
+
+    Two commands with disjoint footprints give the same outcomes in either order.
+    """
+    item = command.item
+    data = item.data if isinstance(item, writes.Change) else item
+    kind = command.task
+    if kind == "users.create":
+        return frozenset({("username", data.username), ("email", data.email.lower())})
+    if kind == "users.update":
+        keys: set[tuple[str, object]] = {("user", item.id)}
+        if data.username is not None:
+            keys.add(("username", data.username))
+        if data.email is not None:
+            keys.add(("email", data.email.lower()))
+        return frozenset(keys)
+    if kind == "posts.create":
+        return frozenset({("user", data.author_id), *(("tag", name) for name in data.tags)})
+    if kind == "posts.update":
+        return frozenset({("post", item.id), *(("tag", name) for name in data.tags or ())})
+    if kind == "posts.delete":
+        return frozenset({("post", item.id)})
+    if kind == "tags.create":
+        return frozenset({("tag", data.name)})
+    # users.delete reaches the user's posts, tags.update/delete every post with the tag.
+    return None
+
+
 def _runs(commands: Sequence[Command]) -> list[list[Command]]:
-    """Consecutive commands of one kind, split where a target id repeats."""
+    """The commands grouped into runs of one kind, each applied in one set-based write.
+
+    A command joins an earlier run of its kind when nothing it would overtake shares its
+    footprint (so every outcome is the one of applying the commands in queue order) and
+    the run has no command on the same target yet; otherwise it starts a new run.
+    """
     runs: list[list[Command]] = []
-    targets: set[int] = set()
+    targets: list[set[int]] = []
+    reach: list[set[tuple[str, object]] | None] = []
     for command in commands:
-        current = runs[-1] if runs else None
-        target = command.target
-        if current is None or current[0].task != command.task or target in targets:
-            runs.append([command])
-            targets = set()
+        mine = footprint(command)
+        joined = None
+        if mine is None:
+            # Open-ended reach: it may only join the run right before it.
+            if runs and runs[-1][0].task == command.task and command.target not in targets[-1]:
+                joined = len(runs) - 1
         else:
-            current.append(command)
-        if target is not None:
-            targets.add(target)
+            overtaken: set[tuple[str, object]] = set()
+            for index in range(len(runs) - 1, -1, -1):
+                if (runs[index][0].task == command.task and command.target not in targets[index]
+                        and not mine & overtaken):
+                    joined = index
+                    break
+                theirs = reach[index]
+                if theirs is None:
+                    break
+                overtaken |= theirs
+        if joined is None:
+            runs.append([])
+            targets.append(set())
+            reach.append(set())
+            joined = len(runs) - 1
+        runs[joined].append(command)
+        if command.target is not None:
+            targets[joined].add(command.target)
+        current = reach[joined]
+        reach[joined] = None if mine is None or current is None else current | mine
     return runs
 
 
@@ -203,7 +259,7 @@ def _apply_round(session: Session, commands: Sequence[Command]) -> None:
     applied = [command for command in fresh if command.rejection is None]
     if applied:
         session.execute(text(
-            "UPDATE command_ledger SET result = CAST(v.r AS jsonb) "
+            "UPDATE command_ledger SET result = CAST(v.r AS jsonb), applied_at = clock_timestamp() "
             "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
             "WHERE command_ledger.command_id = v.k"),
             {"keys": [command.key for command in applied],

@@ -92,10 +92,12 @@ def to_command(raw: bytes, deliveries: int) -> Received:
 class BatchConsumer:
     """One consuming process: fetch a batch, apply it, store outcomes, acknowledge."""
 
-    def __init__(self, settings: Settings, batch_size: int, events: bool = True) -> None:
+    def __init__(self, settings: Settings, batch_size: int, events: bool = True,
+                 peers: int = 1) -> None:
         self.settings = settings
         self.queue = settings.commands_queue
         self.batch_size = batch_size
+        self.peers = peers
         self.broker = redis.Redis.from_url(
             broker_url(settings), socket_timeout=15, socket_connect_timeout=10,
             socket_keepalive=True, health_check_interval=10, retry_on_timeout=True)
@@ -147,7 +149,8 @@ class BatchConsumer:
         if self.broker.blmove(self.queue, self.queue, int(timeout), "RIGHT", "RIGHT") is None:
             return []
         taken = self.take(keys=self.keys,
-                          args=[time.time(), self.settings.max_payload_bytes, self.batch_size])
+                          args=[time.time(), self.settings.max_payload_bytes, self.batch_size,
+                                self.peers])
         items, quarantined = transport.parse_taken(taken)
         if quarantined:
             try:
@@ -296,11 +299,11 @@ class BatchConsumer:
                 logger.debug("could not send %s", kind, exc_info=True)
 
 
-def _consume_forever(batch_size: int, events: bool) -> None:
+def _consume_forever(batch_size: int, events: bool, peers: int) -> None:
     """A child process's life: one consumer until SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     db.after_fork()
-    consumer = BatchConsumer(get_settings(), batch_size, events)
+    consumer = BatchConsumer(get_settings(), batch_size, events, peers)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         consumer.stop()
@@ -316,8 +319,8 @@ def consume(concurrency: int, batch_size: int, events: bool = True) -> int:
     stopping = False
 
     def start_one() -> None:
-        child = context.Process(target=_consume_forever, args=(batch_size, events),
-                                daemon=False)
+        child = context.Process(target=_consume_forever,
+                                args=(batch_size, events, concurrency), daemon=False)
         child.start()
         assert child.pid is not None
         children[child.pid] = child

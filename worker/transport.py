@@ -24,11 +24,14 @@ logger = logging.getLogger(__name__)
 DELIVERY_COUNT_HEADER = "x_delivery_count"
 
 # KEYS: queue, unacked hash, unacked index, deliveries hash, quarantine list
-# ARGV: now, max bytes, how many to take
+# ARGV: now, max bytes, most to take, consumers sharing the queue
+# Takes a fair share of the queue (its length / consumers, at most ARGV[3], at least 1), so
+# that a short queue of slow commands (password hashes) is spread over every consumer.
 # Returns a flat list: per item taken, either "quarantined" or the item and its deliveries.
 TAKE_SCRIPT = """
 local taken = {}
-for _ = 1, tonumber(ARGV[3]) do
+local share = math.ceil(redis.call('LLEN', KEYS[1]) / tonumber(ARGV[4]))
+for _ = 1, math.max(1, math.min(tonumber(ARGV[3]), share)) do
   local item = redis.call('RPOP', KEYS[1])
   if not item then break end
   local ok, message = false, nil
@@ -238,7 +241,7 @@ class AtomicFetch(kombu_redis.Channel):
     def _run_take(self, client: Any, queue: str) -> Any:
         keys = take_keys(queue, self.unacked_key, self.unacked_index_key)
         while True:
-            taken = self._take(keys=keys, args=[time(), self.max_message_bytes, 1],
+            taken = self._take(keys=keys, args=[time(), self.max_message_bytes, 1, 1],
                                client=client)
             items, quarantined = parse_taken(taken)
             if quarantined:
