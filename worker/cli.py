@@ -206,7 +206,7 @@ def bench(ctx: typer.Context) -> None:
     """Run the benchmark (see `python -m worker bench -- --help`)."""
     import importlib
 
-    bench_main: Callable[[list[str]], int] = importlib.import_module("worker.bench").main
+    bench_main: Callable[[list[str]], int] = importlib.import_module("worker.benchmark").main
     raise typer.Exit(bench_main(list(ctx.args)))
 
 
