@@ -70,3 +70,40 @@ def test_run_starts_private_servers_stops_cleanly_and_keeps_the_data(tmp_path: P
         assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["kept"]
     finally:
         assert stop(process, signal.SIGTERM) == 0
+
+
+def test_run_refuses_a_database_behind_the_code_without_migrate(
+    servers: tuple[str, str], broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from tests.conftest import _fresh_database
+    from worker.cli import app
+    from worker.config import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", _fresh_database(servers[0]))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["run", "--no-migrate"])
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "python -m worker migrate" in result.output
+
+
+def test_run_warns_about_a_redis_that_evicts_or_keeps_nothing(tmp_path: Path) -> None:
+    import redis as redis_client
+
+    from worker.runner import redis_warnings
+    from worker.servers import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path / "redis") as own:  # its own server: config is changed
+        assert redis_warnings(own.url) == []
+        client = redis_client.Redis.from_url(own.url)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.config_set("appendonly", "no")
+        warnings = redis_warnings(own.url)
+    assert any("evicts keys" in warning for warning in warnings)
+    assert any("append-only" in warning or "nothing on disk" in warning
+               for warning in warnings)
