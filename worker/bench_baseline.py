@@ -29,7 +29,7 @@ engine = create_engine(os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg2
 SessionLocal = sessionmaker(bind=engine)
 
 
-@app.task(name="posts.create")
+@app.task(name="posts.create", shared=False)
 def create_post(data: dict[str, Any], command_id: str | None = None) -> dict[str, Any]:
     """Insert a post, getting or creating its tags."""
     db = SessionLocal()
@@ -50,7 +50,7 @@ def create_post(data: dict[str, Any], command_id: str | None = None) -> dict[str
         db.close()
 
 
-@app.task(name="users.create")
+@app.task(name="users.create", shared=False)
 def create_user(data: dict[str, Any], command_id: str | None = None) -> dict[str, Any]:
     """Insert a user with a hashed password."""
     db = SessionLocal()

@@ -87,5 +87,5 @@ def command_task(name: str) -> CommandTask:
         return execute(self, args, kwargs)
 
     run.__name__ = run.__qualname__ = name.replace(".", "_")
-    task: CommandTask = app.task(name=name, base=CommandTask, bind=True)(run)
+    task: CommandTask = app.task(name=name, base=CommandTask, bind=True, shared=False)(run)
     return task
