@@ -237,6 +237,10 @@ class BatchConsumer:
                 pipe.execute()
                 break
             except (redis.ConnectionError, redis.TimeoutError):
+                if self.stopping:
+                    # Unacknowledged, so redelivered later and answered as duplicates.
+                    logger.warning("result backend unreachable while stopping: giving up")
+                    return
                 logger.warning("result backend unreachable; retrying")
                 time.sleep(1)
         share = runtime / max(1, len(commands))
@@ -262,6 +266,9 @@ class BatchConsumer:
                 pipe.execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):
+                if self.stopping:
+                    logger.warning("broker unreachable while stopping: left unacknowledged")
+                    return
                 logger.warning("broker unreachable while acknowledging; retrying")
                 time.sleep(1)
 
