@@ -105,7 +105,7 @@ class BatchConsumer:
         self.results = (self.broker if backend == broker_url(settings) else
                         redis.Redis.from_url(backend, socket_timeout=15,
                                              socket_connect_timeout=10))
-        self.take = self.broker.register_script(transport.TAKE_SCRIPT)
+        self.take_script = self.broker.register_script(transport.TAKE_SCRIPT)
         self.keys = transport.take_keys(self.queue)
         self.hostname = f"batch-{os.getpid()}@{socket.gethostname()}"
         self.kombu = Connection(
@@ -146,18 +146,24 @@ class BatchConsumer:
 
     def fetch(self, timeout: int) -> list[Received]:
         """Up to `batch_size` messages, atomically moved into the unacked set."""
-        if self.broker.blmove(self.queue, self.queue, int(timeout), "RIGHT", "RIGHT") is None:
-            return []
-        taken = self.take(keys=self.keys,
-                          args=[time.time(), self.settings.max_payload_bytes, self.batch_size,
-                                self.peers])
-        items, quarantined = transport.parse_taken(taken)
+        items, quarantined = self._take()
+        if not items and not quarantined:
+            # Nothing waiting: block until something is (BLMOVE q q removes nothing).
+            if self.broker.blmove(self.queue, self.queue, timeout, "RIGHT", "RIGHT") is None:
+                return []
+            items, quarantined = self._take()
         if quarantined:
             try:
                 transport.drain_quarantine(self.broker, self.queue)
             except Exception:
                 logger.warning("could not record a quarantined message yet", exc_info=True)
         return [to_command(raw, deliveries) for raw, deliveries in items]
+
+    def _take(self) -> tuple[list[tuple[bytes, int]], int]:
+        taken = self.take_script(keys=self.keys,
+                                 args=[time.time(), self.settings.max_payload_bytes,
+                                       self.batch_size, self.peers])
+        return transport.parse_taken(taken)
 
     def handle(self, received: Sequence[Received]) -> None:
         """Apply a batch, store its outcomes and events, then acknowledge it."""
@@ -185,8 +191,12 @@ class BatchConsumer:
                     logger.exception("command %s failed; left for redelivery",
                                      item.command.task_id)
         runtime = time.monotonic() - started
-        self._store_outcomes([item.command for item in done], runtime)
-        self._ack([item.delivery_tag for item in done if item.delivery_tag])
+        tags = [item.delivery_tag for item in done if item.delivery_tag]
+        # With results on the broker's Redis, outcomes and acknowledgment go in one MULTI.
+        together = self.results is self.broker
+        self._store_outcomes([item.command for item in done], runtime, tags if together else [])
+        if not together:
+            self._ack(tags)
         self.processed += len(done)
 
     # --- steps --------------------------------------------------------------------------
@@ -221,11 +231,12 @@ class BatchConsumer:
                 # Not recorded yet: the messages stay unacknowledged until it is.
                 time.sleep(self.settings.retry_backoff_max)
 
-    def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float) -> None:
+    def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float,
+                        ack_tags: Sequence[str] = ()) -> None:
         expires = self.settings.result_expires
         while True:
             try:
-                pipe = self.results.pipeline(transaction=False)
+                pipe = self.results.pipeline(transaction=bool(ack_tags))
                 for command in commands:
                     if not command.task_id:
                         continue
@@ -234,6 +245,8 @@ class BatchConsumer:
                     # The first outcome stored for a task id stands, as with Celery's backend.
                     pipe.set(key, value, ex=expires, nx=True)
                     pipe.publish(key, value)
+                if ack_tags:
+                    self._ack_into(pipe, ack_tags)
                 pipe.execute()
                 break
             except (redis.ConnectionError, redis.TimeoutError):
@@ -260,9 +273,7 @@ class BatchConsumer:
         while True:
             try:
                 pipe = self.broker.pipeline(transaction=True)
-                pipe.zrem("unacked_index", *tags)
-                pipe.hdel("unacked", *tags)
-                pipe.hdel(transport.deliveries_key(self.queue), *tags)
+                self._ack_into(pipe, tags)
                 pipe.execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError):
@@ -271,6 +282,11 @@ class BatchConsumer:
                     return
                 logger.warning("broker unreachable while acknowledging; retrying")
                 time.sleep(1)
+
+    def _ack_into(self, pipe: Any, tags: Sequence[str]) -> None:
+        pipe.zrem("unacked_index", *tags)
+        pipe.hdel("unacked", *tags)
+        pipe.hdel(transport.deliveries_key(self.queue), *tags)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
