@@ -32,33 +32,11 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, SecretStr
 
+from worker.apply import SPECS
 from worker.config import Settings, broker_url, get_settings, result_backend_url
 from worker.errors import REJECTIONS, Invalid
-from worker.schemas import (
-    CreateCommand,
-    DeleteCommand,
-    PostCreate,
-    PostUpdate,
-    TagCreate,
-    TagUpdate,
-    UpdateCommand,
-    UserCreate,
-    UserUpdate,
-    parse,
-)
+from worker.schemas import PostCreate, TagCreate, UserCreate, UserUpdate, parse
 from worker.security import redact
-
-COMMANDS: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
-    "users.create": (CreateCommand, UserCreate),
-    "users.update": (UpdateCommand, UserUpdate),
-    "users.delete": (DeleteCommand, None),
-    "posts.create": (CreateCommand, PostCreate),
-    "posts.update": (UpdateCommand, PostUpdate),
-    "posts.delete": (DeleteCommand, None),
-    "tags.create": (CreateCommand, TagCreate),
-    "tags.update": (UpdateCommand, TagUpdate),
-    "tags.delete": (DeleteCommand, None),
-}
 
 _repr = reprlib.Repr()
 _repr.maxstring = 200
@@ -99,9 +77,10 @@ def _plain(model: BaseModel) -> dict[str, Any]:
 def _kwargs(task: str, data: BaseModel | dict[str, Any] | None, id: int | None,
             command_id: str | None, expected_version: int | None) -> dict[str, Any]:
     """The command's keyword arguments, validated as the worker will (Invalid otherwise)."""
-    if task not in COMMANDS:
-        raise Invalid(f"no command named {task!r}: one of {', '.join(sorted(COMMANDS))}")
-    envelope, data_model = COMMANDS[task]
+    spec = SPECS.get(task)
+    if spec is None:
+        raise Invalid(f"no command named {task!r}: one of {', '.join(sorted(SPECS))}")
+    envelope, data_model = spec.envelope, spec.data_model
     kwargs: dict[str, Any] = {}
     if data_model is not None:
         if isinstance(data, BaseModel):
