@@ -499,6 +499,8 @@ def measure(sizes: Sizes, stack: Stack, progress: Progress) -> dict[str, Any]:
         worker[name]["dead_letters"] = rejected
 
     peak = worker["posts.create"]["per_second"]
+    # Flush what the throughput phases wrote, so their checkpoint does not land in this one.
+    sql(stack.server_url, "CHECKPOINT")
     report["latency"] = latency(stack, "bench-latency", peak / 2, sizes.latency_seconds, authors)
 
     url = fresh_database(stack.server_url)
