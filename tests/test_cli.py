@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from tests.conftest import WorkerProcess
@@ -34,11 +38,23 @@ def served(worker_process: WorkerProcess, clean_database: str, broker_url: str) 
     assert os.environ["BROKER_URL"] == broker_url
 
 
+def command_paths(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command of the CLI, as the words that name it (groups have `commands`)."""
+    paths: list[tuple[str, ...]] = []
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            paths.extend(command_paths(command, (*prefix, name)))
+        else:
+            paths.append((*prefix, name))
+    return paths
+
+
 def test_every_command_has_help() -> None:
-    for command in (["run"], ["consume"], ["migrate"], ["check"], ["send"],
-                    ["dead-letters", "list"], ["dead-letters", "replay"], ["commands", "show"],
-                    ["users", "by-email"], ["posts", "list"], ["tags", "get"]):
-        assert "Usage" in cli(*command, "--help")
+    paths = command_paths(typer.main.get_command(app))
+    assert ("dead-letters", "replay") in paths and ("users", "by-email") in paths
+    for path in paths:
+        assert "Usage" in cli(*path, "--help"), path
+    assert runner.invoke(app, ["send"]).exit_code == 2  # usage errors are 2
 
 
 def test_send_wait_then_read_it_back(served: None) -> None:
@@ -51,6 +67,7 @@ def test_send_wait_then_read_it_back(served: None) -> None:
         "--json"))
     (shown,) = lines(cli("posts", "get", str(post["id"]), "--json"))
     assert shown["author"]["username"] == "cli" and shown["tags"] == ["a", "b"]
+    assert "from the cli" in cli("posts", "get", str(post["id"]))
     (listed,) = lines(cli("posts", "list", "--json"))
     assert listed["id"] == post["id"]
     assert lines(cli("users", "by-email", "cli@example.com", "--json"))[0]["id"] == user["id"]
@@ -72,6 +89,9 @@ def test_a_rejection_exits_1_and_names_its_reason(served: None) -> None:
 
 
 def test_dead_letters_list_show_replay_and_discard(served: None) -> None:
+    from worker import deadletters
+    from worker.db import transaction
+
     cli("send", "users.create", "--data", json.dumps({
         "username": "taken", "email": "taken@example.com", "password": "password-123"}),
         "--wait")
@@ -80,27 +100,46 @@ def test_dead_letters_list_show_replay_and_discard(served: None) -> None:
         "--command-id", "replay-me", "--wait", "--json", code=1))
     assert rejected["reason"] == "conflict"
     (letter,) = lines(cli("dead-letters", "list", "--json"))
-    assert {"id", "command_id", "task", "reason", "error", "kwargs", "received_at"} <= set(letter)
+    assert set(letter) == {"id", "command_id", "task", "reason", "error", "kwargs",
+                           "received_at"}
     assert letter["command_id"] == "replay-me" and letter["reason"] == "conflict"
     assert "replay-secret-9" not in json.dumps(letter)
     assert "password_hash" in letter["kwargs"]["data"]
     (shown,) = lines(cli("dead-letters", "show", str(letter["id"]), "--json"))
     assert shown["id"] == letter["id"]
+    (recorded,) = lines(cli("commands", "show", "replay-me", "--json"))
+    assert recorded["outcome"] == "rejected" and recorded["reason"] == "conflict"
 
-    # Free the username, then replay: applied as first sent, under its command_id.
+    # Free the username, then replay: applied as first sent (with the kept hash), under
+    # the original command_id; the dead letter is gone.
     (holder,) = lines(cli("users", "by-username", "taken", "--json"))
     cli("send", "users.delete", "--id", str(holder["id"]), "--wait")
     (replayed,) = lines(cli("dead-letters", "replay", str(letter["id"]), "--wait", "--json"))
     assert replayed["outcome"] == "applied" and replayed["command_id"] == "replay-me"
-    assert lines(cli("users", "by-email", "other@example.com", "--json"))[0]["username"] == "taken"
+    (user,) = lines(cli("users", "by-email", "other@example.com", "--json"))
+    assert user["username"] == "taken"
     assert lines(cli("dead-letters", "list", "--json")) == []
+    (recorded,) = lines(cli("commands", "show", "replay-me", "--json"))
+    assert recorded["outcome"] == "applied" and recorded["result"]["id"] == user["id"]
 
-    # The same command replayed again is a duplicate, not a second user.
+    # The same dead letter replayed again (say, a copy kept elsewhere) is a duplicate.
+    with transaction() as session:
+        deadletters.record(session, reason=letter["reason"], error=letter["error"],
+                           command_id=letter["command_id"], task=letter["task"],
+                           kwargs=letter["kwargs"])
+    (again,) = lines(cli("dead-letters", "list", "--json"))
+    (duplicate,) = lines(cli("dead-letters", "replay", str(again["id"]), "--wait", "--json"))
+    assert duplicate["outcome"] == "duplicate" and duplicate["command_id"] == "replay-me"
+    assert len(lines(cli("users", "list", "--json"))) == 1
+
+    # Discard: gone, and a second discard is "not found".
     cli("send", "tags.delete", "--id", "77", "--wait", code=1)
     (second,) = lines(cli("dead-letters", "list", "--json"))
     cli("dead-letters", "discard", str(second["id"]))
     assert lines(cli("dead-letters", "list", "--json")) == []
     cli("dead-letters", "discard", str(second["id"]), code=1)
+    cli("dead-letters", "show", str(second["id"]), code=1)
+    cli("dead-letters", "replay", str(second["id"]), code=1)
 
 
 def test_bulk_replay_by_reason(served: None) -> None:
@@ -112,37 +151,65 @@ def test_bulk_replay_by_reason(served: None) -> None:
                          code=1))
     assert [r["outcome"] for r in replayed] == ["rejected"] * 3
     assert len(lines(cli("dead-letters", "list", "--reason", "not_found", "--json"))) == 3
-
-
-def test_a_replayed_applied_command_is_a_duplicate(served: None) -> None:
-    (tag,) = lines(cli("send", "tags.create", "--data", '{"name": "dup"}', "--command-id",
-                       "dup-1", "--wait", "--json"))
-    from worker import deadletters
-    from worker.db import transaction
-
-    # A dead letter for a command that was in fact applied (e.g. recorded by an old worker).
-    with transaction() as session:
-        deadletters.record(session, reason="retries_exhausted", error="retries_exhausted: x",
-                           command_id="dup-1", task="tags.create",
-                           kwargs={"data": {"name": "dup"}})
-    (letter,) = lines(cli("dead-letters", "list", "--json"))
-    (replayed,) = lines(cli("dead-letters", "replay", str(letter["id"]), "--wait", "--json"))
-    assert replayed["outcome"] == "duplicate"
-    assert len(lines(cli("tags", "list", "--json"))) == 1 and tag["id"]
+    # For people: a progress bar on stderr, then one table of what happened.
+    shown = cli("dead-letters", "replay", "--reason", "not_found", "--wait", code=1)
+    assert "replayed dead letters" in shown and shown.count("not_found") >= 3
+    assert len(lines(cli("dead-letters", "list", "--reason", "not_found", "--json"))) == 3
+    assert "not_found" in cli("dead-letters", "list")
 
 
 def test_check_is_healthy_on_good_servers_and_fails_on_a_bad_database(
     served: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (report,) = lines(cli("check", "--json"))
-    assert report["healthy"] is True
+    assert report == {"healthy": True, "database": "ok", "schema": report["schema"],
+                      "broker": "ok"} and report["schema"].startswith("ok")
+    with settings_from(monkeypatch, DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"):
+        (report,) = lines(cli("check", "--json", code=1))
+    assert report["healthy"] is False and "unreachable" in report["database"]
+    assert report["broker"] == "ok"
+
+
+def test_without_urls_or_a_running_server_commands_exit_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env, no .data/servers.json here
+    with settings_from(monkeypatch, DATABASE_URL=None, BROKER_URL=None):
+        result = runner.invoke(app, ["check"])
+        assert result.exit_code == 3, result.output
+        assert "no `python -m worker run` is running" in result.output
+        assert runner.invoke(app, ["users", "list"]).exit_code == 3
+        assert runner.invoke(app, ["send", "tags.create", "--data", '{"name": "x"}']
+                             ).exit_code == 3
+
+
+def test_unreachable_servers_exit_3_with_a_message_not_a_traceback(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with settings_from(monkeypatch, DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+                       BROKER_URL="redis://127.0.0.1:1/0"):
+        read = runner.invoke(app, ["users", "get", "1"])
+        sent = runner.invoke(app, ["send", "tags.create", "--data", '{"name": "x"}'])
+    assert read.exit_code == 3 and "cannot use the database" in read.output, read.output
+    assert sent.exit_code == 3 and "cannot publish" in sent.output, sent.output
+
+
+@contextmanager
+def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str | None) -> Iterator[None]:
+    """The CLI reading `env` (None: unset) for the duration, then the suite's settings again."""
+    from worker import db
     from worker.config import get_settings
 
-    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     get_settings.cache_clear()
+    db.reset_engine()
     try:
-        (report,) = lines(cli("check", "--json", code=1))
-        assert report["healthy"] is False and "unreachable" in report["database"]
+        yield
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+        db.reset_engine()

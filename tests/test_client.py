@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import redis
 
-from tests.conftest import WorkerProcess
+from tests.conftest import ROOT, WorkerProcess
 from worker import client
 from worker.config import Settings
 from worker.errors import Invalid
 from worker.schemas import UserCreate, parse
+from worker.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +69,21 @@ def test_a_rejection_comes_back_with_its_reason(
     assert outcome.outcome == "rejected"
     assert outcome.reason == "not_found"
     assert outcome.error is not None and outcome.error.startswith("not_found: ")
+
+
+def test_the_client_needs_neither_the_worker_app_nor_the_database() -> None:
+    probe = ("import sys, worker.client; "
+             "print(sorted(m for m in ('worker.celery_app', 'psycopg2') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_an_unreachable_broker_is_reported_promptly() -> None:
+    nothing_listens = free_port()
+    settings = Settings(broker_url=f"redis://127.0.0.1:{nothing_listens}/0",
+                        commands_queue="client-unreachable")
+    started = time.monotonic()
+    with pytest.raises(client.BrokerUnreachable, match="cannot publish"):
+        client.send_tags_create({"name": "nowhere"}, settings=settings)
+    assert time.monotonic() - started < 15

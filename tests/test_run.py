@@ -8,10 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 import pytest
+
+from worker.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -51,25 +56,60 @@ def test_run_starts_private_servers_stops_cleanly_and_keeps_the_data(tmp_path: P
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert json.loads(sent.stdout)["outcome"] == "applied"
         assert worker_cli(tmp_path, env, "check").returncode == 0
+        children = psutil.Process(process.pid).children(recursive=True)
+        second = worker_cli(tmp_path, env, "run")
+        assert second.returncode == 3 and "already running" in second.stderr, second.stderr
     finally:
         code = stop(process, signal.SIGINT)
-    assert code == 0, (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    assert code == 0, log
+    assert "Data:" in log and "python -m worker send" in log  # where things are, what next
     assert not (tmp_path / ".data" / "servers.json").exists()
     servers = [p for p in psutil.process_iter(["cmdline"])
                if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert servers == [], "a server outlived run"
+    assert len(children) >= 2 and not any(child.is_running() for child in children)
     assert record["database_url"].startswith("postgresql")
 
     # Without `run`, the other commands say clearly that no server is running.
     absent = worker_cli(tmp_path, env, "tags", "list")
     assert absent.returncode == 3 and "no `python -m worker run` is running" in absent.stderr
 
-    process = start(tmp_path, env)
+    # Again, with Flower: the same data, and Flower's password only in its environment.
+    port = free_port()
+    process = start(tmp_path, {**env, "FLOWER_BASIC_AUTH": f"op:{FLOWER_PASSWORD}",
+                               "FLOWER_PORT": str(port)})
     try:
         listed = worker_cli(tmp_path, env, "tags", "list", "--json")
         assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["kept"]
+        assert flower_status(port, None) == 401
+        assert flower_status(port, f"op:{FLOWER_PASSWORD}") == 200
+        command_lines = [" ".join(p.info["cmdline"] or [])
+                         for p in psutil.process_iter(["cmdline"])]
+        assert not any(FLOWER_PASSWORD in line for line in command_lines)
     finally:
         assert stop(process, signal.SIGTERM) == 0
+
+
+FLOWER_PASSWORD = "flower-run-pass-7"
+
+
+def flower_status(port: int, auth: str | None, timeout: float = 30) -> int:
+    """The HTTP status of Flower's front page, once Flower answers (bounded wait)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_run_refuses_a_database_behind_the_code_without_migrate(

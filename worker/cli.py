@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -45,9 +46,27 @@ def fail(message: str, code: int = REJECTED) -> typer.Exit:
     return typer.Exit(code)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of the driver's message (SQLAlchemy appends a long footer)."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def database_problem(error: Exception) -> str:
+    """What to tell the operator about a database error, in one line (no traceback)."""
+    from sqlalchemy.exc import ProgrammingError
+
+    detail = first_line(error)
+    if isinstance(error, ProgrammingError) and "does not exist" in detail:
+        return f"the schema is not migrated ({detail}): run `python -m worker migrate`"
+    return f"cannot use the database: {detail}"
+
+
 @contextmanager
 def session() -> Iterator[Session]:
     """A read-write session on the configured (or running embedded) database."""
+    from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
+
     from worker.db import transaction
 
     try:
@@ -55,6 +74,9 @@ def session() -> Iterator[Session]:
             yield opened
     except NoServerError as error:
         raise fail(str(error), CONFIG) from None
+    except (OperationalError, InterfaceError, ProgrammingError) as error:
+        # Unreachable, refused or unmigrated: a configuration problem, not a bug to trace.
+        raise fail(database_problem(error), CONFIG) from None
 
 
 def emit(record: dict[str, Any] | None, as_json: bool, what: str) -> None:
@@ -66,8 +88,7 @@ def emit(record: dict[str, Any] | None, as_json: bool, what: str) -> None:
         return
     table = Table(show_header=False, title=what)
     for key, value in record.items():
-        table.add_row(key, json.dumps(value, default=str) if not isinstance(value, str)
-                      else value)
+        table.add_row(key, _cell(value))
     console.print(table)
 
 
@@ -78,16 +99,23 @@ def emit_rows(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
             print(json.dumps(row, default=str))
         return
     if not rows:
-        console.print(f"No {title.split()[-1]}.")
+        console.print(f"No {title}.")
         return
     table = Table(title=title)
-    columns = list(rows[0]) if rows else []
+    # Rows may differ in keys (a rejection adds its reason): the union, in first-seen order.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(v if isinstance(v, str) else json.dumps(v, default=str)
-                        for v in row.values()))
+        table.add_row(*(_cell(row.get(column)) for column in columns))
     console.print(table)
+
+
+def _cell(value: Any) -> str:
+    """A value as a table shows it: strings as they are, anything else as JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 # --- running ------------------------------------------------------------------------------
@@ -144,61 +172,72 @@ def consume(
 @app.command()
 def migrate() -> None:
     """Apply every migration (alembic upgrade head)."""
+    from sqlalchemy.exc import OperationalError
+
     from worker.config import database_url
     from worker.runner import migrate as upgrade
 
     try:
-        url = database_url()
+        upgrade(database_url())
     except NoServerError as error:
         raise fail(str(error), CONFIG) from None
-    upgrade(url)
+    except OperationalError as error:
+        raise fail(database_problem(error), CONFIG) from None
     console.print("The schema is at the head revision.")
 
 
 @app.command()
 def check(as_json: JsonOption = False) -> None:
-    """Check the database, the broker and the schema; exit 1 when any is not right."""
+    """Check the database, the schema revision and the broker, printing each.
+
+    Exit 0 when all are right, 1 when one is unreachable or the schema is not at head,
+    3 when no URL is set and no `run` serves this directory.
+    """
     import redis
 
     from worker.config import broker_url, database_url
     from worker.runner import redis_warnings, schema_revisions
 
     results: dict[str, str] = {}
-    healthy = True
+    code = 0
     try:
-        url = database_url()
-        current, heads = schema_revisions(url)
+        current, heads = schema_revisions(database_url())
         results["database"] = "ok"
         if current == heads:
             results["schema"] = f"ok ({', '.join(sorted(heads))})"
         else:
-            results["schema"] = f"at {sorted(current) or 'none'}, code at {sorted(heads)}"
-            healthy = False
+            results["schema"] = (f"at {sorted(current) or 'no revision'}, the code at "
+                                 f"{sorted(heads)}: run `python -m worker migrate`")
+            code = code or REJECTED
     except NoServerError as error:
         results["database"] = str(error)
-        healthy = False
-    except Exception as error:
-        results["database"] = f"unreachable: {type(error).__name__}: {error}".splitlines()[0]
-        healthy = False
+        code = CONFIG
+    except Exception as error:  # any failure to connect or read is the verdict, not a crash
+        results["database"] = f"unreachable: {first_line(error)}"
+        code = code or REJECTED
     try:
-        client = redis.Redis.from_url(broker_url(), socket_timeout=5, socket_connect_timeout=5)
-        client.ping()
-        problems = redis_warnings(broker_url())
+        url = broker_url()
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        problems = redis_warnings(url)
         results["broker"] = "ok" + (f" (warning: {'; '.join(problems)})" if problems else "")
     except NoServerError as error:
         results["broker"] = str(error)
-        healthy = False
-    except Exception as error:
-        results["broker"] = f"unreachable: {type(error).__name__}"
-        healthy = False
+        code = CONFIG
+    except Exception as error:  # as above
+        results["broker"] = f"unreachable: {type(error).__name__}: {first_line(error)}"
+        code = code or REJECTED
     if as_json:
-        print(json.dumps({"healthy": healthy, **results}))
+        print(json.dumps({"healthy": code == 0, **results}))
     else:
         for name, verdict in results.items():
-            mark = "[green]ok[/]" if verdict.startswith("ok") else "[red]FAIL[/]"
+            mark = "[green]✓[/]" if verdict.startswith("ok") else "[red]✗[/]"
             console.print(f"{mark} {name}: {verdict}", highlight=False)
-    if not healthy:
-        raise typer.Exit(REJECTED)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -231,6 +270,7 @@ def send(
     as_json: JsonOption = False,
 ) -> None:
     """Validate and publish a command; with --wait print its outcome (exit 1 if rejected)."""
+    from worker.client import BrokerUnreachable
     from worker.client import send as send_command
     from worker.errors import Invalid
 
@@ -244,7 +284,7 @@ def send(
                                wait=timeout if wait else None)
     except Invalid as error:
         raise fail(str(error)) from None
-    except NoServerError as error:
+    except (NoServerError, BrokerUnreachable) as error:
         raise fail(str(error), CONFIG) from None
     report: dict[str, Any] = {"task_id": outcome.task_id, "command_id": outcome.command_id,
                               "outcome": outcome.outcome}
@@ -279,7 +319,7 @@ def dead_letters_list(
             opened, reason=reason, task=task, command_id=command_id, limit=limit)]
     if not as_json:
         letters = [{k: v for k, v in letter.items() if k != "kwargs"} for letter in letters]
-    emit_rows(letters, as_json, f"{len(letters)} dead letters")
+    emit_rows(letters, as_json, "dead letters")
 
 
 @dead_letters_app.command("show")
@@ -294,52 +334,84 @@ def dead_letters_show(letter_id: int, as_json: JsonOption = False) -> None:
     emit(record, as_json, f"dead letter {letter_id}")
 
 
+@dataclass(frozen=True)
+class Replay:
+    """What a replay needs of a dead letter, read before anything is published."""
+
+    letter_id: int
+    task: str | None
+    command_id: str | None
+    kwargs: dict[str, Any] | None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the command was kept: a task name and keyword arguments only."""
+        return bool(self.task) and isinstance(self.kwargs, dict) and "args" not in self.kwargs
+
+
 @dead_letters_app.command("replay")
 def dead_letters_replay(
     letter_id: Annotated[int | None, typer.Argument(help="The dead letter to replay.")] = None,
     reason: Annotated[str | None, typer.Option(help="Replay every dead letter of a reason.")
                       ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for each outcome.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each, with --wait.")
+                       ] = 30,
     as_json: JsonOption = False,
 ) -> None:
     """Publish dead letters again as first sent, under their original command_id.
 
-    A replayed command that was applied meanwhile comes back as a duplicate. A replayed
-    dead letter is deleted once published; if it is rejected again, a new one is recorded.
+    Each dead letter is deleted as soon as its command is published; if the command is
+    rejected again, the worker records a new one. A command that was applied meanwhile
+    comes back as a duplicate. Exit 1 when one is rejected again or cannot be replayed.
     """
     from worker import deadletters
-    from worker.client import publish
+    from worker.client import BrokerUnreachable, SendResult, publish, wait_for
 
     if (letter_id is None) == (reason is None):
         raise fail("give a dead letter id or --reason", 2)
     with session() as opened:
         letters = ([deadletters.get(opened, letter_id)] if letter_id is not None
                    else list(deadletters.list_(opened, reason=reason)))
-        chosen = [(letter.id, letter.task, letter.command_id, letter.kwargs)
+        chosen = [Replay(letter.id, letter.task, letter.command_id, letter.kwargs)
                   for letter in letters if letter is not None]
     if not chosen:
-        raise fail("no such dead letter")
-    replayable = [c for c in chosen if c[1] and isinstance(c[3], dict) and "args" not in c[3]]
-    for skipped in [c for c in chosen if c not in replayable]:
-        errors.print(f"dead letter {skipped[0]} cannot be replayed "
-                     "(no task or keyword arguments were kept)")
-    steps: Callable[[list[Any]], Any] = (
-        (lambda items: items) if as_json or len(replayable) < 2
-        else (lambda items: track(items, description="Replaying", console=errors)))
-    rejected = False
-    for letter_id_, task, command_id_, kwargs in steps(replayable):
-        kwargs = dict(kwargs)
-        if command_id_:
-            kwargs["command_id"] = command_id_
-        outcome = publish(str(task), kwargs, wait=30 if wait else None)
-        with session() as opened:
-            deadletters.discard(opened, letter_id_)
-        rejected = rejected or outcome.outcome == "rejected"
-        emit({"dead_letter": letter_id_, "task_id": outcome.task_id,
-              "command_id": outcome.command_id, "outcome": outcome.outcome,
-              **({"reason": outcome.reason, "error": outcome.error} if outcome.reason else {})},
-             as_json, "replayed")
-    if rejected or len(replayable) < len(chosen):
+        raise fail(f"dead letter {letter_id} not found" if letter_id is not None
+                   else f"no dead letter with reason {reason}")
+    for skipped in (replay for replay in chosen if not replay.replayable):
+        errors.print(f"dead letter {skipped.letter_id} cannot be replayed "
+                     "(no task name or keyword arguments were kept)", highlight=False)
+    replayable = [replay for replay in chosen if replay.replayable]
+    # The bar goes to stderr so that stdout stays one JSON object a line, or one table.
+    steps: Iterable[Replay] = (
+        replayable if as_json or len(replayable) < 2
+        else track(replayable, description="Replaying", console=errors))
+    rows: list[dict[str, Any]] = []
+    try:
+        for replay in steps:
+            assert replay.task is not None and replay.kwargs is not None
+            kwargs = dict(replay.kwargs)
+            if replay.command_id:
+                # The original key (the task id when none was given): an applied one is a
+                # duplicate, not applied twice.
+                kwargs["command_id"] = replay.command_id
+            sent: SendResult = publish(replay.task, kwargs)
+            with session() as opened:
+                deadletters.discard(opened, replay.letter_id)
+            if wait:
+                sent = wait_for(sent.task_id, sent.command_id, timeout)
+            row = {"dead_letter": replay.letter_id, "task": replay.task,
+                   "task_id": sent.task_id, "command_id": sent.command_id,
+                   "outcome": sent.outcome,
+                   **({"reason": sent.reason, "error": sent.error} if sent.reason else {})}
+            rows.append(row)
+            if as_json:
+                print(json.dumps(row, default=str), flush=True)
+    except (NoServerError, BrokerUnreachable) as error:
+        raise fail(f"{error} ({len(rows)} replayed before it)", CONFIG) from None
+    if rows and not as_json:
+        emit_rows(rows, False, "replayed dead letters")
+    if any(row["outcome"] == "rejected" for row in rows) or len(replayable) < len(chosen):
         raise typer.Exit(REJECTED)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from sqlalchemy import create_engine, make_url
 from alembic import command
 from worker.config import Settings, running_servers_file
 from worker.db import sync_url
-from worker.servers import EmbeddedPostgres, EmbeddedRedis, free_port
+from worker.servers import EmbeddedPostgres, EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,8 @@ def alembic_config(url: str) -> Config:
 def schema_revisions(url: str) -> tuple[set[str], set[str]]:
     """(the database's current revisions, the code's heads)."""
     heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
-    engine = create_engine(sync_url(url))
+    # A bounded connect: `check` must answer, not hang, when the host does not.
+    engine = create_engine(sync_url(url), connect_args={"connect_timeout": 10})
     try:
         with engine.connect() as connection:
             current = set(MigrationContext.configure(connection).get_current_heads())
@@ -92,35 +94,79 @@ class Servers:
     embedded: bool
 
 
+def _reusable(port: int | None) -> int | None:
+    """`port` if it is free to bind on 127.0.0.1, else None (a new one is chosen)."""
+    if port is None:
+        return None
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
+
+
+def _running_pid(record: Path) -> int | None:
+    """The pid of the `run` that wrote `record`, if that process is still alive."""
+    try:
+        pid = int(json.loads(record.read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` in one step, so that a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 @contextmanager
 def servers(settings: Settings, console: Console) -> Iterator[Servers]:
-    """The configured servers, or private ones under DATA_DIR (same ports as last time)."""
+    """The configured servers, or private ones under DATA_DIR (same ports as last time).
+
+    While they run, DATA_DIR/servers.json tells the other commands (run from the same
+    directory) where they are; it is removed when they stop.
+    """
     if settings.database_url and settings.broker_url:
         yield Servers(settings.database_url, settings.broker_url, embedded=False)
         return
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    record = Path(running_servers_file(settings)).resolve()
+    other = _running_pid(record)
+    if other is not None and other != os.getpid():
+        raise RunError(f"`python -m worker run` is already running in {data_dir} "
+                       f"(pid {other}): stop it first, or use it")
+    # Ports are remembered apart from servers.json, which exists only while `run` does.
     ports_file = data_dir / "ports.json"
     ports = json.loads(ports_file.read_text()) if ports_file.exists() else {}
     with ExitStack() as stack:
-        database = settings.database_url
-        if not database:
-            console.print(f"Starting PostgreSQL under {data_dir / 'postgres'} ...")
-            postgres = EmbeddedPostgres(data_dir / "postgres", ports.get("postgres") or free_port())
-            stack.enter_context(postgres)
-            ports["postgres"] = postgres.port
-            database = postgres.url
-        broker = settings.broker_url
-        if not broker:
-            console.print(f"Starting Redis (append-only file) under {data_dir / 'redis'} ...")
-            redis_server = EmbeddedRedis(data_dir / "redis", ports.get("redis") or free_port())
-            stack.enter_context(redis_server)
-            ports["redis"] = redis_server.port
-            broker = redis_server.url
-        ports_file.write_text(json.dumps(ports))
-        record = Path(running_servers_file(settings)).resolve()
-        record.write_text(json.dumps({"pid": os.getpid(), "database_url": database,
-                                      "broker_url": broker}))
+        try:
+            database = settings.database_url
+            if not database:
+                console.print(f"Starting PostgreSQL under {data_dir / 'postgres'} ...")
+                postgres = stack.enter_context(
+                    EmbeddedPostgres(data_dir / "postgres", _reusable(ports.get("postgres"))))
+                ports["postgres"] = postgres.port
+                database = postgres.url
+            broker = settings.broker_url
+            if not broker:
+                console.print(f"Starting Redis (append-only file) under {data_dir / 'redis'} "
+                              "...")
+                redis_server = stack.enter_context(
+                    EmbeddedRedis(data_dir / "redis", _reusable(ports.get("redis")),
+                                  appendonly=True))
+                ports["redis"] = redis_server.port
+                broker = redis_server.url
+        except (RuntimeError, TimeoutError, OSError) as error:
+            raise RunError(f"could not start the embedded servers: {error} "
+                           f"(their logs are under {data_dir})") from error
+        _write_atomically(ports_file, json.dumps(ports))
+        _write_atomically(record, json.dumps({"pid": os.getpid(), "database_url": database,
+                                              "broker_url": broker}))
         stack.callback(record.unlink, missing_ok=True)
         yield Servers(database, broker, embedded=True)
 
@@ -139,6 +185,22 @@ def consumer_command(kind: str, concurrency: int, batch_size: int, queue: str) -
                 "-Q", queue, "-c", str(concurrency), "-E", "--loglevel", "INFO"]
     return [sys.executable, "-m", "worker.batch", "--concurrency", str(concurrency),
             "--batch-size", str(batch_size)]
+
+
+def flower_command(settings: Settings) -> list[str]:
+    """Flower's command line; its password comes from the environment, never argv (`ps`)."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
+            f"--address={settings.flower_address}", f"--port={settings.flower_port}"]
+
+
+def child_environment(settings: Settings, used: Servers) -> dict[str, str]:
+    """The environment of the worker and Flower: the servers in use, the project importable."""
+    env = {**os.environ, "DATABASE_URL": used.database_url, "BROKER_URL": used.broker_url}
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth  # Flower reads FLOWER_* options
+    env["PYTHONPATH"] = os.pathsep.join(
+        part for part in (str(ROOT), os.environ.get("PYTHONPATH", "")) if part)
+    return env
 
 
 def run(settings: Settings, *, apply_migrations: bool, concurrency: int, batch_size: int,
@@ -164,19 +226,17 @@ def run(settings: Settings, *, apply_migrations: bool, concurrency: int, batch_s
                         f"{sorted(heads)}: run `python -m worker migrate` (or `run --migrate`)")
                 console.print("Applying migrations ...")
                 migrate(used.database_url)
-            env = {**os.environ, "DATABASE_URL": used.database_url,
-                   "BROKER_URL": used.broker_url}
+            env = child_environment(settings, used)
+            # Children run in this directory, so they read the same `.env`; their own
+            # session keeps the terminal's Ctrl-C from reaching them before we stop them.
             children.append(("worker", subprocess.Popen(
                 consumer_command(consumer, concurrency, batch_size, settings.commands_queue),
-                cwd=ROOT, env=env, start_new_session=True)))
+                env=env, start_new_session=True)))
             flower = ""
             if settings.flower_basic_auth:
                 flower = f"http://{settings.flower_address}:{settings.flower_port}"
                 children.append(("flower", subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
-                     f"--address={settings.flower_address}", f"--port={settings.flower_port}",
-                     f"--basic-auth={settings.flower_basic_auth}"],
-                    cwd=ROOT, env=env, start_new_session=True,
+                    flower_command(settings), env=env, start_new_session=True,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             console.print(Panel.fit(
                 f"[bold]command-worker is running[/] ({consumer} consumer, {concurrency} "
@@ -196,21 +256,27 @@ def run(settings: Settings, *, apply_migrations: bool, concurrency: int, batch_s
                 time.sleep(0.2)
             console.print("Stopping: the worker finishes the commands in hand ...")
             _stop(children)
-            console.print("Stopped.")
-            return 0
+            if used.embedded:
+                console.print("Stopping Redis and PostgreSQL ...")
+        console.print("Stopped.")
+        return 0
     finally:
         _stop(children)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+def _stop(children: list[tuple[str, subprocess.Popen[bytes]]], timeout: float = 60) -> None:
+    """Stop the children in order (the worker first, finishing what it holds), each gracefully.
+
+    SIGTERM is Celery's warm shutdown; one that outlasts `timeout` is killed, and its
+    unacknowledged commands are delivered again after the visibility timeout.
+    """
     for _, child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for _, child in children:
         try:
-            child.wait(60)
+            child.wait(timeout)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
