@@ -1,0 +1,462 @@
+"""Measured runs: drain a queued batch at full speed, or feed one at a paced rate."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2  # type: ignore[import-untyped]
+import redis
+
+from worker.bench.processes import (
+    Consumer,
+    Meters,
+    PhaseError,
+    cpu_ms_per_command,
+    machine_load,
+    tree_rss,
+)
+from worker.bench.stack import connect
+from worker.bench.workload import Batch, push
+
+MB = 1024 * 1024
+Report = Callable[[int], None]
+
+
+class Monitor:
+    """The harness's one connection to a database (its backend's CPU is billed to the harness)."""
+
+    def __init__(self, url: str) -> None:
+        """Connect (autocommit)."""
+        self.connection = connect(url)
+        self.connection.autocommit = True
+        self.backend_pid = int(self.rows("SELECT pg_backend_pid()")[0][0])
+
+    def rows(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[Any]:
+        """Every row of a query."""
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+
+    def value(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        """The first column of the first row."""
+        return self.rows(sql, params)[0][0]
+
+    def checkpoints(self) -> int | None:
+        """Checkpoints the server has done so far (timed and requested)."""
+        for sql in ("SELECT num_timed + num_requested FROM pg_stat_checkpointer",
+                    "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"):
+            with contextlib.suppress(psycopg2.Error):
+                return int(self.value(sql))
+        return None
+
+    def checkpoint(self) -> None:
+        """Write every dirty buffer now, so no run pays for the writes of the one before."""
+        with contextlib.suppress(psycopg2.Error):  # needs superuser or pg_checkpoint
+            self.rows("CHECKPOINT; SELECT 1")
+
+    def close(self) -> None:
+        """Disconnect."""
+        with contextlib.suppress(psycopg2.Error):
+            self.connection.close()
+
+
+# --- how far a run has got ------------------------------------------------------------------
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching the command ids of a batch."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "-%"
+
+
+class LedgerProgress:
+    """This worker's progress: its ledger rows (applied) and dead letters (rejected)."""
+
+    def __init__(self, monitor: Monitor, prefix: str) -> None:
+        """Watch the commands whose ids start with `prefix`."""
+        self.monitor = monitor
+        self.pattern = like_prefix(prefix)
+        self.rejected = 0
+
+    def __call__(self) -> int:
+        """Commands with an outcome so far."""
+        applied, rejected = self.monitor.rows(
+            "SELECT (SELECT count(*) FROM command_ledger WHERE command_id LIKE %(p)s), "
+            "(SELECT count(*) FROM dead_letters WHERE command_id LIKE %(p)s)",
+            {"p": self.pattern})[0]
+        self.rejected = int(rejected)
+        return int(applied) + self.rejected
+
+    def applied_times(self) -> list[float]:
+        """When each applied command was recorded (server clock, epoch seconds), in order."""
+        return [float(row[0]) for row in self.monitor.rows(
+            "SELECT extract(epoch FROM applied_at) FROM command_ledger "
+            "WHERE command_id LIKE %(p)s ORDER BY applied_at", {"p": self.pattern})]
+
+    def applied_at(self) -> dict[str, float]:
+        """Command id -> when it was recorded (epoch seconds)."""
+        return {str(key): float(at) for key, at in self.monitor.rows(
+            "SELECT command_id, extract(epoch FROM applied_at) FROM command_ledger "
+            "WHERE command_id LIKE %(p)s", {"p": self.pattern})}
+
+
+def _span(ids: list[int]) -> tuple[int, int]:
+    low, high = min(ids), max(ids)
+    if high - low + 1 != len(ids):
+        raise ValueError("seeded posts must have consecutive ids")
+    return low, high
+
+
+class TableProgress:
+    """The baseline's progress, read from the tables its commands change (it keeps no ledger)."""
+
+    def __init__(self, monitor: Monitor, batch: Batch) -> None:
+        """Take the snapshot that later counts are compared with."""
+        self.monitor = monitor
+        counts = batch.counts
+        m = monitor
+        self.params: dict[str, Any] = {
+            "post_max": m.value("SELECT coalesce(max(id), 0) FROM posts"),
+            "tag_max": m.value("SELECT coalesce(max(id), 0) FROM tags"),
+            "user_max": m.value("SELECT coalesce(max(id), 0) FROM users"),
+        }
+        parts = []
+        if counts.get("posts.create"):
+            parts.append("(SELECT count(*) FROM posts WHERE id > %(post_max)s)")
+        if counts.get("tags.create"):
+            parts.append("(SELECT count(*) FROM tags WHERE id > %(tag_max)s)")
+        if counts.get("users.create"):
+            parts.append("(SELECT count(*) FROM users WHERE id > %(user_max)s)")
+        if counts.get("users.update"):
+            # Every update adds one to a version.
+            self.params["user_versions"] = m.value(
+                "SELECT coalesce(sum(version), 0) FROM users WHERE id <= %(user_max)s",
+                self.params)
+            parts.append("((SELECT coalesce(sum(version), 0) FROM users "
+                         "WHERE id <= %(user_max)s) - %(user_versions)s)")
+        if counts.get("posts.update"):
+            self.params["upd_lo"], self.params["upd_hi"] = _span(batch.targets["posts.update"])
+            self.params["post_versions"] = m.value(
+                "SELECT coalesce(sum(version), 0) FROM posts "
+                "WHERE id BETWEEN %(upd_lo)s AND %(upd_hi)s", self.params)
+            parts.append("((SELECT coalesce(sum(version), 0) FROM posts "
+                         "WHERE id BETWEEN %(upd_lo)s AND %(upd_hi)s) - %(post_versions)s)")
+        if counts.get("posts.delete"):
+            self.params["del_lo"], self.params["del_hi"] = _span(batch.targets["posts.delete"])
+            self.params["del_count"] = counts["posts.delete"]
+            parts.append("(%(del_count)s - (SELECT count(*) FROM posts "
+                         "WHERE id BETWEEN %(del_lo)s AND %(del_hi)s))")
+        self.sql = "SELECT " + " + ".join(parts)
+
+    def __call__(self) -> int:
+        """Commands whose effect is visible so far."""
+        return int(self.monitor.value(self.sql, self.params))
+
+
+# --- rates ----------------------------------------------------------------------------------
+
+STEADY = (0.05, 0.95)
+LUMP_SECONDS = 0.001
+MIN_LUMPS = 8
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A measured steady rate."""
+
+    per_second: float
+    window_s: float
+    how: str
+
+
+def rate_from_times(times: Sequence[float], started_at: float) -> Rate | None:
+    """The steady rate from sorted commit timestamps (epoch seconds).
+
+    Steady state is the 5% to 95% span, counting only commits after its first instant (a
+    batch committed at that instant was worked on before it). When commits come in too few
+    lumps for that (big batches, few commands), the whole run from `started_at` is used.
+    """
+    count = len(times)
+    if count == 0:
+        return None
+    low = times[math.floor(STEADY[0] * count)]
+    high = times[max(0, math.ceil(STEADY[1] * count) - 1)]
+    lumps = sum(1 for earlier, later in itertools.pairwise(times)
+                if low <= earlier and later <= high and later - earlier > LUMP_SECONDS)
+    if lumps >= MIN_LUMPS and high > low:
+        done = bisect.bisect_right(times, high) - bisect.bisect_right(times, low)
+        return Rate(done / (high - low), high - low,
+                    f"ledger applied_at, 5% to 95% ({lumps} commit instants)")
+    if times[-1] <= started_at:
+        return None
+    return Rate(count / (times[-1] - started_at), times[-1] - started_at,
+                f"ledger applied_at, whole run (only {lumps} commit instants in 5% to 95%)")
+
+
+def _crossing(samples: Sequence[tuple[float, int]], level: float) -> float:
+    """When the polled count first reached `level` (linear between samples)."""
+    previous = samples[0]
+    for sample in samples[1:]:
+        if sample[1] >= level:
+            span = sample[1] - previous[1]
+            share = (level - previous[1]) / span if span else 1.0
+            return previous[0] + share * (sample[0] - previous[0])
+        previous = sample
+    return samples[-1][0]
+
+
+def rate_from_samples(samples: Sequence[tuple[float, int]], total: int) -> Rate | None:
+    """The steady rate between the 5% and 95% completions, from polled counts."""
+    start, end = _crossing(samples, STEADY[0] * total), _crossing(samples, STEADY[1] * total)
+    if end <= start:
+        return None
+    return Rate((STEADY[1] - STEADY[0]) * total / (end - start), end - start,
+                "polled table counts, 5% to 95%")
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile of sorted `values`."""
+    rank = max(1, math.ceil(share * len(values)))
+    return values[min(rank, len(values)) - 1]
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _mb(size: int) -> float:
+    return round(size / MB, 1)
+
+
+@dataclass(frozen=True)
+class RssMark:
+    """The consumer's resident memory per pid when a share of a run was done."""
+
+    done_pct: int
+    at_s: float
+    rss: dict[int, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"done_pct": self.done_pct, "at_s": round(self.at_s, 2),
+                "total_mb": _mb(sum(self.rss.values())),
+                "per_process_mb": [_mb(size) for size in self.rss.values()]}
+
+
+def rss_growth_pct(start: dict[int, int], end: dict[int, int]) -> dict[str, Any]:
+    """Growth of the total and of each process present at both points, in percent."""
+    both = [pid for pid in start if pid in end and start[pid]]
+    total = sum(start.values())
+    return {"total_pct": round((sum(end.values()) - total) * 100 / total, 2) if total else None,
+            "per_process_pct": {str(pid): round((end[pid] - start[pid]) * 100 / start[pid], 2)
+                                for pid in both},
+            "replaced_processes": len(set(start) ^ set(end))}
+
+
+@dataclass
+class RunResult:
+    """What one drain measured."""
+
+    commands: int
+    cmds_per_s: float | None
+    window_s: float | None
+    rate_from: str
+    rejected: int
+    wall_s: float
+    cpu_ms_per_cmd: dict[str, float | None]
+    machine: dict[str, float | None]
+    rss_start: dict[int, int]
+    rss_end: dict[int, int]
+    rss_marks: list[RssMark] = field(default_factory=list)
+    checkpoints: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "commands": self.commands,
+            "cmds_per_s": _round(self.cmds_per_s),
+            "window_s": _round(self.window_s, 3),
+            "rate_from": self.rate_from,
+            "rejected": self.rejected,
+            "wall_s": round(self.wall_s, 3),
+            "cpu_ms_per_cmd": self.cpu_ms_per_cmd,
+            "machine": self.machine,
+            "checkpoints_during": self.checkpoints,
+            "rss_mb": {
+                "start_total": _mb(sum(self.rss_start.values())),
+                "end_total": _mb(sum(self.rss_end.values())),
+                "start_per_process": [_mb(v) for v in self.rss_start.values()],
+                "end_per_process": [_mb(v) for v in self.rss_end.values()],
+            },
+            **({"rss_marks": [mark.as_dict() for mark in self.rss_marks]}
+               if self.rss_marks else {}),
+        }
+
+
+@dataclass
+class Drain:
+    """Everything a drain needs: who consumes, what to send where, and how to see progress."""
+
+    consumer: Consumer
+    meters: Meters
+    broker: redis.Redis
+    queue: str
+    batch: Batch
+    progress: Callable[[], int]
+    stall_seconds: float
+    monitor: Monitor
+    poll_seconds: float = 0.2
+    rss_every: float | None = None
+
+
+def drain(run: Drain, report: Report,
+          exact_times: Callable[[], Sequence[float]] | None = None) -> RunResult:
+    """Queue the whole batch while the consumer is paused, then time it until all are done."""
+    total = len(run.batch)
+    messages = run.batch.encoded(run.queue)
+    run.consumer.check_alive()
+    run.monitor.checkpoint()
+    checkpoints = run.monitor.checkpoints()
+    rss_start = tree_rss(run.consumer.pid)
+    cpu_before = run.meters.cpu()
+    run.consumer.pause()
+    try:
+        push(run.broker, run.queue, messages)
+    finally:
+        resumed_at = time.time()
+        run.consumer.resume()
+    del messages
+    started = time.monotonic()
+    samples: list[tuple[float, int]] = [(started, 0)]
+    marks: list[RssMark] = []
+    next_mark = run.rss_every
+    moved_at, done = started, 0
+    while done < total:
+        time.sleep(run.poll_seconds)
+        now_done = run.progress()
+        now = time.monotonic()
+        samples.append((now, now_done))
+        report(now_done)
+        if now_done > done:
+            moved_at, done = now, now_done
+        elif now - moved_at > run.stall_seconds:
+            run.consumer.check_alive()
+            raise PhaseError(f"{run.consumer.name} stalled at {done}/{total} for "
+                             f"{run.stall_seconds:.0f} s:\n{run.consumer.log_tail()}")
+        while next_mark is not None and done >= next_mark * total and next_mark <= 1:
+            marks.append(RssMark(round(100 * next_mark), now - started,
+                                 tree_rss(run.consumer.pid)))
+            next_mark = round(next_mark + (run.rss_every or 1), 6)
+    cpu_after = run.meters.cpu()
+    checkpoints_after = run.monitor.checkpoints()
+    rss_end = tree_rss(run.consumer.pid)
+    wall = time.monotonic() - started
+    rejected = int(getattr(run.progress, "rejected", 0))
+    measured = rate_from_times(exact_times(), resumed_at) if exact_times is not None else None
+    measured = measured or rate_from_samples(samples, total)
+    return RunResult(total, measured.per_second if measured else None,
+                     measured.window_s if measured else None,
+                     measured.how if measured else "none", rejected, wall,
+                     cpu_ms_per_command(cpu_before, cpu_after, total),
+                     machine_load(cpu_before, cpu_after), rss_start, rss_end, marks,
+                     _difference(checkpoints, checkpoints_after))
+
+
+def _difference(before: int | None, after: int | None) -> int | None:
+    return after - before if before is not None and after is not None else None
+
+
+@dataclass
+class LatencyResult:
+    """Publish-to-commit latency at a paced offered load."""
+
+    offered_per_s: float
+    sent_per_s: float
+    commands: int
+    latencies_ms: list[float]
+    missing: int
+    checkpoints: int | None = None
+    per_second: list[tuple[int, float, float]] = field(default_factory=list)
+    machine: dict[str, float | None] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        values = sorted(self.latencies_ms)
+        stats: dict[str, float | None] = {"p50_ms": None, "p90_ms": None, "p99_ms": None,
+                                          "max_ms": None}
+        if values:
+            stats = {"p50_ms": round(percentile(values, 0.50), 2),
+                     "p90_ms": round(percentile(values, 0.90), 2),
+                     "p99_ms": round(percentile(values, 0.99), 2),
+                     "max_ms": round(values[-1], 2)}
+        return {"offered_per_s": round(self.offered_per_s, 1),
+                "sent_per_s": round(self.sent_per_s, 1), "commands": self.commands,
+                "missing": self.missing, **stats, "checkpoints_during": self.checkpoints,
+                "machine": self.machine,
+                "per_second": [{"second": second, "p50_ms": round(p50, 1),
+                                "max_ms": round(worst, 1)}
+                               for second, p50, worst in self.per_second]}
+
+
+def by_second(published: Sequence[float], latencies: Sequence[float | None]
+              ) -> list[tuple[int, float, float]]:
+    """(second since the first publish, median, max) of the latencies, per second published."""
+    groups: dict[int, list[float]] = {}
+    start = min(published) if published else 0.0
+    for at, latency in zip(published, latencies, strict=True):
+        if latency is not None:
+            groups.setdefault(int(at - start), []).append(latency)
+    return [(second, percentile(sorted(values), 0.5), max(values))
+            for second, values in sorted(groups.items())]
+
+
+def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, batch: Batch,
+          rate: float, progress: LedgerProgress, stall_seconds: float,
+          report: Report) -> LatencyResult:
+    """Publish `batch` at `rate` per second, then read each command's commit time."""
+    total = len(batch)
+    messages = batch.encoded(queue)
+    published: list[float] = [0.0] * total
+    consumer.check_alive()
+    progress.monitor.checkpoint()
+    checkpoints = progress.monitor.checkpoints()
+    cpu_before = meters.cpu()
+    started = time.monotonic()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.monotonic() - started) * rate) + 1)
+        if due > sent:
+            at = time.time()
+            broker.lpush(queue, *messages[sent:due])
+            published[sent:due] = [at] * (due - sent)
+            sent = due
+            report(sent // 2)
+        else:
+            time.sleep(min(0.002, (due + 1 - sent) / rate))
+    sent_rate = total / max(1e-9, time.monotonic() - started)
+    consumer.check_alive()
+    deadline = time.monotonic() + stall_seconds
+    while (done := progress()) < total:
+        report(total // 2 + done // 2)
+        if time.monotonic() > deadline:
+            raise PhaseError(f"{consumer.name}: {done}/{total} paced commands applied after "
+                             f"{stall_seconds:.0f} s:\n{consumer.log_tail()}")
+        consumer.check_alive()
+        time.sleep(0.1)
+    report(total)
+    load = machine_load(cpu_before, meters.cpu())
+    checkpoints_after = progress.monitor.checkpoints()
+    applied = progress.applied_at()
+    each = [(applied[batch.command_id(i)] - published[i]) * 1000
+            if batch.command_id(i) in applied else None for i in range(total)]
+    latencies = [latency for latency in each if latency is not None]
+    return LatencyResult(rate, sent_rate, total, latencies, total - len(latencies),
+                         _difference(checkpoints, checkpoints_after), by_second(published, each),
+                         load)
