@@ -52,21 +52,18 @@ def _post(row: Any, tags: Sequence[str]) -> Record:
             "version": row.version, "tags": sorted(tags)}
 
 
-def _next_ids(session: Session, table: str, count: int) -> list[int]:
-    # Ids drawn up front map each inserted row to its command without trusting RETURNING order.
-    rows = session.execute(
-        text(f"SELECT nextval(pg_get_serial_sequence('{table}', 'id')) "
-             "FROM generate_series(1, :n)"), {"n": count})
-    return [row[0] for row in rows]
-
-
 def _locked(session: Session, table: str, changes: Sequence[Change],
             label: str) -> tuple[dict[int, Any], list[CommandRejected | None]]:
     """Lock the targets; per change, `NotFound`/`Stale` or None when it may proceed."""
-    ids = [change.id for change in changes]
     rows = {row.id: row for row in session.execute(
         text(f"SELECT * FROM {table} WHERE id = ANY(CAST(:ids AS int[])) ORDER BY id FOR UPDATE"),
-        {"ids": ids})}
+        {"ids": [change.id for change in changes]})}
+    return rows, _verdicts(rows, changes, label)
+
+
+def _verdicts(rows: dict[int, Any], changes: Sequence[Change],
+              label: str) -> list[CommandRejected | None]:
+    """Per change: `NotFound` without a row, `Stale` on another version, else None."""
     verdicts: list[CommandRejected | None] = []
     for change in changes:
         row = rows.get(change.id)
@@ -77,61 +74,109 @@ def _locked(session: Session, table: str, changes: Sequence[Change],
                                   f"stored version is {row.version}"))
         else:
             verdicts.append(None)
-    return rows, verdicts
+    return verdicts
 
 
 def _delete(session: Session, table: str, label: str, changes: Sequence[Change],
-            record: Callable[[Any], Record]) -> list[Outcome]:
-    """Delete the rows that pass the checks; each outcome is the record as it was."""
-    rows, verdicts = _locked(session, table, changes, label)
-    doomed = [change.id for change, verdict in zip(changes, verdicts, strict=True) if not verdict]
-    if doomed:
-        session.execute(text(f"DELETE FROM {table} WHERE id = ANY(CAST(:ids AS int[]))"),
-                        {"ids": doomed})
+            record: Callable[[Any], Record], also: str = "") -> list[Outcome]:
+    """Delete the rows that pass the checks, in one statement; each outcome is the row as it was.
+
+    The targets are locked in id order (so concurrent batches cannot deadlock on them); the
+    rows returned are the locked ones, with `deleted` telling which passed the version check.
+    `also` adds columns computed from the row as it was (`l` is the row).
+    """
+    rows = {row.id: row for row in session.execute(text(
+        f"WITH v AS (SELECT * FROM unnest(CAST(:ids AS int[]), CAST(:expected AS int[])) "
+        f"AS v(i, e)), "
+        f"locked AS (SELECT * FROM {table} WHERE id IN (SELECT i FROM v) ORDER BY id FOR UPDATE), "
+        f"gone AS (DELETE FROM {table} t USING locked JOIN v ON v.i = locked.id "
+        f"WHERE t.id = locked.id AND (v.e IS NULL OR locked.version = v.e) RETURNING t.id) "
+        f"SELECT l.*, l.id IN (SELECT id FROM gone) AS deleted{also} FROM locked l"),
+        {"ids": [change.id for change in changes],
+         "expected": [change.expected_version for change in changes]})}
+    verdicts = _verdicts(rows, changes, label)
+    assert all(rows[change.id].deleted == (verdict is None)
+               for change, verdict in zip(changes, verdicts, strict=True)
+               if change.id in rows), "the version check in SQL and in Python disagree"
     return [verdict or record(rows[change.id])
             for change, verdict in zip(changes, verdicts, strict=True)]
 
 
 # --- tags ---------------------------------------------------------------------------------
 
+# Creates the missing tags among :names (in name order, so that concurrent inserts of the same
+# names cannot deadlock), then links (:posts[i], :link_names[i]); with :replace, each post
+# listed there loses its other links. Returns the id of every name it could see.
+#
+# A name a concurrent transaction inserted after this statement's snapshot is neither created
+# here (ON CONFLICT waits for that transaction, then skips) nor visible to `known`: the caller
+# sees it missing and runs the statement again for it, with a fresh snapshot.
+_TAGS_AND_LINKS = text(
+    "WITH wanted AS (SELECT DISTINCT n FROM unnest(CAST(:names AS text[])) AS n), "
+    "created AS (INSERT INTO tags (name, version) SELECT n, 1 FROM wanted "
+    "WHERE NOT EXISTS (SELECT 1 FROM tags WHERE tags.name = wanted.n) ORDER BY n "
+    "ON CONFLICT (name) DO NOTHING RETURNING id, name), "
+    "known AS (SELECT id, name FROM created UNION ALL "
+    "SELECT tags.id, tags.name FROM tags JOIN wanted ON tags.name = wanted.n), "
+    "desired AS (SELECT DISTINCT l.p AS post_id, known.id AS tag_id "
+    "FROM unnest(CAST(:posts AS int[]), CAST(:link_names AS text[])) AS l(p, n) "
+    "JOIN known ON known.name = l.n), "
+    "removed AS (DELETE FROM post_tags WHERE post_id = ANY(CAST(:replace AS int[])) "
+    "AND (post_id, tag_id) NOT IN (SELECT post_id, tag_id FROM desired)), "
+    "linked AS (INSERT INTO post_tags (post_id, tag_id) SELECT post_id, tag_id FROM desired "
+    "ON CONFLICT DO NOTHING) "
+    "SELECT id, name FROM known")
+_TAG_ROUNDS = 3
+
+
+def _tags_and_links(session: Session, names: Sequence[str],
+                    links: Sequence[tuple[int, str]] = (),
+                    replace: Sequence[int] = ()) -> dict[str, int]:
+    """Ids of the tags `names` (missing ones created); link each (post id, tag name) pair.
+
+    Posts in `replace` keep only the links given for them here.
+    """
+    ids: dict[str, int] = {}
+    pending = sorted(set(names))
+    if not pending and not replace:
+        return ids
+    for _ in range(_TAG_ROUNDS):
+        wanted = set(pending)
+        todo = [(post_id, name) for post_id, name in links if name in wanted]
+        ids.update((row.name, row.id) for row in session.execute(_TAGS_AND_LINKS, {
+            "names": pending, "posts": [post_id for post_id, _ in todo],
+            "link_names": [name for _, name in todo], "replace": list(replace)}))
+        pending = [name for name in pending if name not in ids]
+        if not pending:
+            return ids
+        replace = ()  # done: a later round only adds the links of the names it missed
+    raise RuntimeError(f"tags {pending} were neither created nor found in {_TAG_ROUNDS} tries")
+
+
 def ensure_tags(session: Session, names: Sequence[str]) -> dict[str, int]:
     """Ids of the tags named `names`, creating the missing ones."""
-    wanted = sorted(set(names))
-    if not wanted:
-        return {}
-    # ON CONFLICT DO NOTHING waits for a concurrent insert of the same name instead of failing.
-    session.execute(text(
-        "INSERT INTO tags (name, version) SELECT n, 1 FROM unnest(CAST(:names AS text[])) AS n "
-        "ON CONFLICT (name) DO NOTHING"), {"names": wanted})
-    rows = session.execute(
-        text("SELECT id, name FROM tags WHERE name = ANY(CAST(:names AS text[]))"),
-        {"names": wanted})
-    return {row.name: row.id for row in rows}
+    return _tags_and_links(session, names)
 
 
 def create_tags(session: Session, items: Sequence[TagCreate]) -> list[Outcome]:
     """Insert tags; a name already taken (or taken earlier in the run) is a conflict."""
-    names = [item.name for item in items]
-    taken = {row.name for row in session.execute(
-        text("SELECT name FROM tags WHERE name = ANY(CAST(:names AS text[]))"), {"names": names})}
     outcomes: list[Outcome | None] = []
     fresh: list[str] = []
-    for name in names:
-        if name in taken:
+    for item in items:
+        if item.name in fresh:
             outcomes.append(Conflict("tag name already taken"))
         else:
-            taken.add(name)
-            fresh.append(name)
+            fresh.append(item.name)
             outcomes.append(None)
-    if fresh:
-        ids = _next_ids(session, "tags", len(fresh))
-        session.execute(text(
-            "INSERT INTO tags (id, name, version) SELECT i, n, 1 FROM "
-            "unnest(CAST(:ids AS int[]), CAST(:names AS text[])) AS v(i, n)"),
-            {"ids": ids, "names": fresh})
-        created = iter({"id": i, "name": n, "version": 1} for i, n in zip(ids, fresh, strict=True))
-        return [outcome if outcome is not None else next(created) for outcome in outcomes]
-    return [outcome for outcome in outcomes if outcome is not None]
+    # Ids are drawn only for names not taken, in the order the commands came.
+    created = {row.name: _tag(row) for row in session.execute(text(
+        "WITH v AS (SELECT n, o FROM unnest(CAST(:names AS text[])) WITH ORDINALITY AS v(n, o) "
+        "WHERE NOT EXISTS (SELECT 1 FROM tags WHERE tags.name = v.n)) "
+        "INSERT INTO tags (id, name, version) "
+        "SELECT nextval(pg_get_serial_sequence('tags', 'id')), n, 1 FROM v ORDER BY o "
+        "ON CONFLICT (name) DO NOTHING RETURNING id, name, version"), {"names": fresh})}
+    return [outcome or created.get(item.name) or Conflict("tag name already taken")
+            for outcome, item in zip(outcomes, items, strict=True)]
 
 
 def update_tags(session: Session, changes: Sequence[Change]) -> list[Outcome]:
@@ -213,17 +258,18 @@ def create_users(session: Session, items: Sequence[UserCreate]) -> list[Outcome]
             fresh.append(item)
     if not fresh:
         return [outcome for outcome in outcomes if outcome is not None]
-    ids = _next_ids(session, "users", len(fresh))
-    rows = {row.id: row for row in session.execute(text(
+    # Usernames are unique: they map the inserted rows back to their commands.
+    rows = {row.username: row for row in session.execute(text(
         "INSERT INTO users (id, username, email, hashed_password, is_active, version) "
-        "SELECT i, u, e, h, a, 1 FROM unnest(CAST(:ids AS int[]), CAST(:usernames AS text[]), "
-        "CAST(:emails AS text[]), CAST(:hashes AS text[]), CAST(:active AS boolean[])) "
-        "AS v(i, u, e, h, a) RETURNING *"),
-        {"ids": ids, "usernames": [item.username for item in fresh],
+        "SELECT nextval(pg_get_serial_sequence('users', 'id')), u, e, h, a, 1 "
+        "FROM unnest(CAST(:usernames AS text[]), CAST(:emails AS text[]), "
+        "CAST(:hashes AS text[]), CAST(:active AS boolean[])) WITH ORDINALITY "
+        "AS v(u, e, h, a, o) ORDER BY o RETURNING *"),
+        {"usernames": [item.username for item in fresh],
          "emails": [item.email for item in fresh],
          "hashes": [item.password_hash for item in fresh],
          "active": [item.is_active for item in fresh]})}
-    created = iter(_user(rows[i]) for i in ids)
+    created = iter(_user(rows[item.username]) for item in fresh)
     return [outcome if outcome is not None else next(created) for outcome in outcomes]
 
 
@@ -266,52 +312,39 @@ def delete_users(session: Session, changes: Sequence[Change]) -> list[Outcome]:
 
 # --- posts --------------------------------------------------------------------------------
 
-def _link(session: Session, post_ids: Sequence[int], tag_lists: Sequence[Sequence[str]]
-          ) -> None:
-    ids = ensure_tags(session, [name for names in tag_lists for name in names])
-    pairs = sorted({(post_id, ids[name]) for post_id, names in zip(post_ids, tag_lists,
-                                                                   strict=True)
-                    for name in names})
-    if pairs:
-        session.execute(text(
-            "INSERT INTO post_tags (post_id, tag_id) SELECT * FROM "
-            "unnest(CAST(:posts AS int[]), CAST(:tags AS int[]))"),
-            {"posts": [p for p, _ in pairs], "tags": [t for _, t in pairs]})
+# Tag names of a post as stored when the statement began (`l` is the post row).
+_TAG_NAMES_OF_L = (", ARRAY(SELECT t.name FROM post_tags pt JOIN tags t ON t.id = pt.tag_id "
+                   "WHERE pt.post_id = l.id) AS tag_names")
 
 
-def _tag_names(session: Session, post_ids: Sequence[int]) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {post_id: [] for post_id in post_ids}
-    for row in session.execute(text(
-            "SELECT pt.post_id, t.name FROM post_tags pt JOIN tags t ON t.id = pt.tag_id "
-            "WHERE pt.post_id = ANY(CAST(:ids AS int[]))"), {"ids": list(post_ids)}):
-        names[row.post_id].append(row.name)
-    return names
+def _links(post_ids: Sequence[int], tag_lists: Sequence[Sequence[str]]
+           ) -> list[tuple[int, str]]:
+    return [(post_id, name) for post_id, names in zip(post_ids, tag_lists, strict=True)
+            for name in names]
 
 
 def create_posts(session: Session, items: Sequence[PostCreate]) -> list[Outcome]:
     """Insert posts by existing authors; tags named but missing are created."""
-    # KEY SHARE locks keep the authors from being deleted before this commits.
-    authors = {row.id for row in session.execute(text(
-        "SELECT id FROM users WHERE id = ANY(CAST(:ids AS int[])) FOR KEY SHARE"),
-        {"ids": sorted({item.author_id for item in items})})}
-    fresh = [index for index, item in enumerate(items) if item.author_id in authors]
-    created: dict[int, Record] = {}
-    if fresh:
-        ids = _next_ids(session, "posts", len(fresh))
-        chosen = [items[index] for index in fresh]
-        rows = {row.id: row for row in session.execute(text(
-            "INSERT INTO posts (id, title, content, author_id, version) "
-            "SELECT i, t, c, a, 1 FROM unnest(CAST(:ids AS int[]), CAST(:titles AS text[]), "
-            "CAST(:contents AS text[]), CAST(:authors AS int[])) AS v(i, t, c, a) "
-            "RETURNING id, title, content, author_id, created_at, version"),
-            {"ids": ids, "titles": [item.title for item in chosen],
-             "contents": [item.content for item in chosen],
-             "authors": [item.author_id for item in chosen]})}
-        tag_lists = [list(dict.fromkeys(item.tags)) for item in chosen]
-        _link(session, ids, tag_lists)
-        created = {index: _post(rows[i], names)
-                   for index, i, names in zip(fresh, ids, tag_lists, strict=True)}
-    return [created.get(index) or NotFound(f"author {item.author_id} does not exist")
+    # One statement draws ids (in command order, only for posts whose author exists) and
+    # inserts; the foreign key check then holds KEY SHARE locks on the authors, so none is
+    # deleted before this commits (a concurrent delete makes the insert fail instead).
+    rows = {row.o - 1: row for row in session.execute(text(
+        "WITH v AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('posts', 'id')) AS i, "
+        "t, c, a, o FROM unnest(CAST(:titles AS text[]), CAST(:contents AS text[]), "
+        "CAST(:authors AS int[])) WITH ORDINALITY AS v(t, c, a, o) "
+        "WHERE EXISTS (SELECT 1 FROM users WHERE users.id = v.a) ORDER BY o), "
+        "ins AS (INSERT INTO posts (id, title, content, author_id, version) "
+        "SELECT i, t, c, a, 1 FROM v "
+        "RETURNING id, title, content, author_id, created_at, version) "
+        "SELECT v.o, ins.* FROM ins JOIN v ON v.i = ins.id"),
+        {"titles": [item.title for item in items],
+         "contents": [item.content for item in items],
+         "authors": [item.author_id for item in items]})}
+    tag_lists = {index: list(dict.fromkeys(items[index].tags)) for index in rows}
+    _tags_and_links(session, [name for names in tag_lists.values() for name in names],
+                    _links([rows[i].id for i in tag_lists], list(tag_lists.values())))
+    return [_post(rows[index], tag_lists[index]) if index in rows
+            else NotFound(f"author {item.author_id} does not exist")
             for index, item in enumerate(items)]
 
 
@@ -320,36 +353,32 @@ def update_posts(session: Session, changes: Sequence[Change]) -> list[Outcome]:
     _, verdicts = _locked(session, "posts", changes, "post")
     go = [change for change, verdict in zip(changes, verdicts, strict=True) if not verdict]
     updated: dict[int, Any] = {}
+    tags: dict[int, list[str]] = {}
     if go:
         datas: list[PostUpdate] = [change.data for change in go]
         updated = {row.id: row for row in session.execute(text(
-            "UPDATE posts SET title = COALESCE(v.t, posts.title), "
-            "content = CASE WHEN v.sc THEN v.c ELSE posts.content END, "
-            "version = posts.version + 1 "
+            "UPDATE posts l SET title = COALESCE(v.t, l.title), "
+            "content = CASE WHEN v.sc THEN v.c ELSE l.content END, "
+            "version = l.version + 1 "
             "FROM unnest(CAST(:ids AS int[]), CAST(:titles AS text[]), "
             "CAST(:set_content AS boolean[]), CAST(:contents AS text[])) AS v(i, t, sc, c) "
-            "WHERE posts.id = v.i RETURNING posts.*"),
+            "WHERE l.id = v.i RETURNING l.*" + _TAG_NAMES_OF_L),
             {"ids": [change.id for change in go], "titles": [d.title for d in datas],
              "set_content": ["content" in d.model_fields_set for d in datas],
              "contents": [d.content for d in datas]})}
-        retagged = [(change.id, change.data.tags) for change in go
-                    if change.data.tags is not None]
+        tags = {post_id: list(row.tag_names) for post_id, row in updated.items()}
+        retagged = {change.id: list(dict.fromkeys(change.data.tags)) for change in go
+                    if change.data.tags is not None}
         if retagged:
-            session.execute(text("DELETE FROM post_tags WHERE post_id = ANY(CAST(:ids AS int[]))"),
-                            {"ids": [post_id for post_id, _ in retagged]})
-            _link(session, [p for p, _ in retagged], [list(dict.fromkeys(t)) for _, t in retagged])
-    names = _tag_names(session, list(updated))
-    return [verdict or _post(updated[change.id], names[change.id])
+            _tags_and_links(session, [name for names in retagged.values() for name in names],
+                            _links(list(retagged), list(retagged.values())),
+                            replace=list(retagged))
+            tags.update(retagged)
+    return [verdict or _post(updated[change.id], tags[change.id])
             for change, verdict in zip(changes, verdicts, strict=True)]
 
 
 def delete_posts(session: Session, changes: Sequence[Change]) -> list[Outcome]:
     """Delete posts and their tag links."""
-    rows, verdicts = _locked(session, "posts", changes, "post")
-    doomed = [change.id for change, verdict in zip(changes, verdicts, strict=True) if not verdict]
-    names = _tag_names(session, doomed)
-    if doomed:
-        session.execute(text("DELETE FROM posts WHERE id = ANY(CAST(:ids AS int[]))"),
-                        {"ids": doomed})
-    return [verdict or _post(rows[change.id], names[change.id])
-            for change, verdict in zip(changes, verdicts, strict=True)]
+    return _delete(session, "posts", "post", changes,
+                   lambda row: _post(row, row.tag_names), also=_TAG_NAMES_OF_L)
