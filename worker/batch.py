@@ -10,6 +10,7 @@ consumer (this one or a Celery worker) restores them after the visibility timeou
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -327,6 +328,10 @@ def _consume_forever(batch_size: int, events: bool, peers: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     db.after_fork()
     consumer = BatchConsumer(get_settings(), batch_size, events, peers)
+    # What exists now (modules, the app, the consumer) lives as long as the process: kept out
+    # of the collector, a full collection no longer walks ~100,000 objects (30-40 ms) mid-batch.
+    gc.collect()
+    gc.freeze()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         consumer.stop()
