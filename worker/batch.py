@@ -234,7 +234,16 @@ class BatchConsumer:
 
     def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float,
                         ack_tags: Sequence[str] = ()) -> None:
+        share = runtime / max(1, len(commands))
+        for command in commands:
+            if command.rejection is not None:
+                self._task_event("task-failed", command, exception=repr(command.rejection),
+                                 traceback=None)
+            else:
+                self._task_event("task-succeeded", command,
+                                 result=repr(redact(command.result)), runtime=share)
         expires = self.settings.result_expires
+        events_pending = True
         while True:
             try:
                 pipe = self.results.pipeline(transaction=bool(ack_tags))
@@ -248,6 +257,10 @@ class BatchConsumer:
                     pipe.publish(key, value)
                 if ack_tags:
                     self._ack_into(pipe, ack_tags)
+                if events_pending:
+                    # Events are best effort: built into the first try only.
+                    events_pending = False
+                    self._events_into(pipe)
                 pipe.execute()
                 break
             except (redis.ConnectionError, redis.TimeoutError):
@@ -257,16 +270,19 @@ class BatchConsumer:
                     return
                 logger.warning("result backend unreachable; retrying")
                 time.sleep(1)
-        share = runtime / max(1, len(commands))
-        for command in commands:
-            if command.rejection is not None:
-                self._task_event("task-failed", command, exception=repr(command.rejection),
-                                 traceback=None)
-            else:
-                self._task_event("task-succeeded", command,
-                                 result=repr(redact(command.result)), runtime=share)
-        if self.events is not None:
-            self.events.flush()
+
+    def _events_into(self, pipe: Any) -> None:
+        """The buffered task events, as commands of `pipe` (on the broker's Redis only)."""
+        if self.events is None:
+            return
+        if self.results is not self.broker:
+            self.events.flush()  # the results' pipeline is on another Redis
+            return
+        try:
+            with transport.publishing_into(self.events.producer, pipe):
+                self.events.flush()
+        except Exception:
+            logger.debug("could not add the task events", exc_info=True)
 
     def _ack(self, tags: Sequence[str]) -> None:
         if not tags:

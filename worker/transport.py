@@ -11,7 +11,8 @@ or exceed the size limit in a quarantine list, from which they become dead lette
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -139,6 +140,37 @@ class QoS(kombu_redis.QoS):
                 client.hdel(deliveries_key(str(name)), delivery_tag)
 
 
+class IntoPipeline:
+    """A kombu publish batch whose Redis commands join a pipeline its owner executes.
+
+    kombu (5.7) routes a message published inside `Producer.batch()` through the channel's
+    `create_publish_batch`, and the transport hands this batch each final Redis command
+    (`add`). Here they go into the caller's pipeline, so a message costs no round trip of its
+    own and leaves Redis when, and only if, that pipeline is executed.
+    """
+
+    def __init__(self, channel: Any, pipeline: Any) -> None:
+        self.channel = channel
+        self.pipeline = pipeline
+
+    def publish(self, message: Any, **kwargs: Any) -> Any:
+        """Route `message` as kombu would; its Redis commands land in the pipeline."""
+        return self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+
+    def add(self, name: str, *args: Any) -> None:
+        """One Redis command of the message being routed."""
+        getattr(self.pipeline, name)(*args)
+
+    def flush(self) -> None:
+        """Nothing to send: the pipeline's owner executes it."""
+
+    def discard(self) -> None:
+        """Nothing held here."""
+
+    def close(self) -> None:
+        """Nothing held here."""
+
+
 class AtomicFetch(kombu_redis.Channel):
     """What makes a Redis channel's fetch atomic (see the module docstring)."""
 
@@ -151,11 +183,18 @@ class AtomicFetch(kombu_redis.Channel):
         *kombu_redis.Channel.from_transport_options, "max_message_bytes",
     )
     _polled_queue: str | None = None
+    #: While set (`publishing_into`), publishes in `Producer.batch()` join this pipeline.
+    publish_into: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._unacknowledged_queues: set[str] = set()
         super().__init__(*args, **kwargs)
         self._take = self.client.register_script(TAKE_SCRIPT)
+
+    def create_publish_batch(self, max_size: int) -> Any:
+        if self.publish_into is not None:
+            return IntoPipeline(self, self.publish_into)
+        return super().create_publish_batch(max_size)
 
     def _reliable_queue(self) -> str | None:
         # BLMOVE watches one list: one queue, no priority sub-queues. Queues consumed without
@@ -282,6 +321,21 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     """The Redis Sentinel transport (`sentinel://` URLs) with the atomic fetch."""
 
     Channel = SentinelChannel
+
+
+@contextmanager
+def publishing_into(producer: Any, pipeline: Any) -> Iterator[None]:
+    """Messages `producer` publishes meanwhile become commands of `pipeline` (not sent here).
+
+    The producer's channel must be one of this module's (`AtomicFetch`).
+    """
+    channel = producer.channel
+    channel.publish_into = pipeline
+    try:
+        with producer.batch():
+            yield
+    finally:
+        channel.publish_into = None
 
 
 def transport_for(url: str) -> str:
