@@ -278,10 +278,12 @@ class EmbeddedPostgres(_Server):
     name = "PostgreSQL"
     log_name = "postgres.log"
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        """Describe the server; nothing starts until start()."""
+    def __init__(self, data_dir: Path, port: int | None = None,
+                 settings: dict[str, str] | None = None) -> None:
+        """Describe the server (`settings`: extra `-c name=value`); nothing starts until start()."""
         super().__init__(data_dir, port)
         self.pgdata = self.data_dir / "pgdata"
+        self.settings = dict(settings or {})
 
     @property
     def url(self) -> str:
@@ -431,6 +433,7 @@ class EmbeddedPostgres(_Server):
             "-c", "listen_addresses=127.0.0.1",
             "-c", "max_connections=200",
             "-c", "fsync=on",
+            *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
         ]  # fmt: skip
         with self.log_file.open("ab") as log:
             popen = subprocess.Popen(

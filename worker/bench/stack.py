@@ -115,7 +115,9 @@ def open_stack(server_url: str | None, broker_url: str | None,
             from worker.servers import EmbeddedPostgres
 
             assert base is not None
-            postgres = exits.enter_context(EmbeddedPostgres(base / "postgres"))
+            # Commit timestamps give each command's latency up to its commit (see measure.py).
+            postgres = exits.enter_context(EmbeddedPostgres(
+                base / "postgres", settings={"track_commit_timestamp": "on"}))
             server_url = postgres.url
         if not broker_url:
             from worker.servers import EmbeddedRedis

@@ -118,7 +118,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
     other = Table(title="Latency and memory")
     other.add_column("what")
     other.add_column("value", justify="right")
-    other.add_row(f"publish to commit at {_num(latency.get('offered_per_s'))}/s "
+    until = latency.get("until", "commit")
+    other.add_row(f"publish to {until} at {_num(latency.get('offered_per_s'))}/s "
                   "(half the posts.create peak)",
                   f"p50 {_num(latency.get('p50_ms'), 1)} ms, p99 {_num(latency.get('p99_ms'), 1)}"
                   f" ms, max {_num(latency.get('max_ms'), 1)} ms")
