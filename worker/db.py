@@ -1,14 +1,25 @@
-"""The per-process engine and session factory (never shared across a fork)."""
+"""The per-process engine, session factory and command transactions (never shared across fork).
+
+Command transactions (`transaction()`) run on a connection the thread keeps between them,
+checked out from the pool (with its pre-ping) the first time and again after a failure. It is
+in autocommit mode at the driver level, and the transaction is ours: BEGIN travels in front
+of the transaction's first statement, statements whose result nobody reads (`defer`) travel
+in front of the next one or of the COMMIT, and COMMIT (or ROLLBACK) is sent explicitly.
+psycopg2 would otherwise spend a round trip on its own BEGIN, the pool one on a ping per
+checkout, and the ledger's last update one of its own.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import Settings, database_url, get_settings
@@ -17,6 +28,31 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _session_factory: sessionmaker[Session] | None = None
+# Per thread: the connection command transactions run on, and the pid that checked it out.
+_held: dict[int, tuple[int, Connection]] = {}
+# A held connection idle this long is pinged before use, as the pool does at checkout: after
+# a quiet spell (a database restart, an idle timeout) the next command does not pay a retry.
+IDLE_PING_SECONDS = 1.0
+_IDLE_SINCE = "command_connection_idle_since"
+# Connections inherited across fork: kept referenced so that the child never closes the
+# parent's socket by garbage-collecting them.
+_inherited: list[Connection] = []
+STATE = "command_transaction"
+
+
+class _Pending:
+    """What a command transaction has yet to send: its BEGIN, and deferred statements."""
+
+    def __init__(self) -> None:
+        self.begin = True
+        self.deferred: list[str] = []
+
+    def prefix(self) -> str:
+        """The SQL to send ahead of the next statement (and forget)."""
+        parts = (["BEGIN"] if self.begin else []) + self.deferred
+        self.begin = False
+        self.deferred = []
+        return "".join(part + "; " for part in parts)
 
 
 def sync_url(url: str) -> str:
@@ -43,11 +79,30 @@ def build_engine(settings: Settings | None = None, url: str | None = None) -> En
         f"-c statement_timeout={settings.db_statement_timeout_ms} "
         f"-c lock_timeout={settings.db_lock_timeout_ms}"
     )
-    return create_engine(
+    engine = create_engine(
         sync_url(url or database_url(settings)),
         **pool_options(settings),
         connect_args={"options": options, "application_name": "command-worker"},
     )
+    event.listen(engine, "before_cursor_execute", _begin_with_first_statement, retval=True)
+    return engine
+
+
+def _begin_with_first_statement(connection: Connection, cursor: Any, statement: str,
+                                parameters: Any, context: Any, executemany: bool
+                                ) -> tuple[str, Any]:
+    """In a command transaction, what is pending travels with the next statement."""
+    pending: _Pending | None = connection.info.get(STATE)
+    if pending is not None and (pending.begin or pending.deferred):
+        prefix = pending.prefix()
+        if executemany:
+            cursor.execute(prefix)  # without parameters: sent as it is
+        elif context is not None and context.no_parameters:
+            statement = prefix + statement
+        else:
+            # psycopg2 interpolates the whole string: the prefix's literals keep their "%".
+            statement = prefix.replace("%", "%%") + statement
+    return statement, parameters
 
 
 def get_engine() -> Engine:
@@ -75,6 +130,10 @@ def reset_engine() -> None:
     """Forget this process's engine (closing its connections); the next use builds a new one."""
     global _engine, _engine_pid, _session_factory
     with _lock:
+        for pid, connection in _held.values():
+            if pid == os.getpid():
+                _close_quietly(connection)
+        _held.clear()
         if _engine is not None and _engine_pid == os.getpid():
             _engine.dispose()
         _engine = None
@@ -86,6 +145,10 @@ def after_fork() -> None:
     """Drop a pool inherited across fork, keeping the parent's connections open."""
     global _engine, _engine_pid, _session_factory
     with _lock:
+        for pid, connection in list(_held.values()):
+            if pid != os.getpid():
+                _inherited.append(connection)
+        _held.clear()
         if _engine is not None and _engine_pid != os.getpid():
             _engine.dispose(close=False)
             _engine = None
@@ -93,8 +156,93 @@ def after_fork() -> None:
             _session_factory = None
 
 
+def _close_quietly(connection: Connection) -> None:
+    try:
+        connection.close()
+    except sa_exc.SQLAlchemyError:
+        connection.invalidate()
+
+
+def _command_connection() -> Connection:
+    """This thread's connection for command transactions (checked out when it has none)."""
+    engine = get_engine()
+    key = threading.get_ident()
+    held = _held.get(key)
+    if held is not None:
+        pid, connection = held
+        if pid == os.getpid() and connection.engine is engine and not connection.invalidated \
+                and not connection.closed and _alive(connection):
+            return connection
+        if pid == os.getpid():
+            _close_quietly(connection)
+        else:
+            _inherited.append(connection)
+        del _held[key]
+    connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    _held[key] = (os.getpid(), connection)
+    return connection
+
+
+def _alive(connection: Connection) -> bool:
+    """False for a connection that was idle and no longer answers (it is then invalidated)."""
+    idle_since = connection.info.get(_IDLE_SINCE)
+    if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+        return True
+    try:
+        connection.exec_driver_sql("SELECT 1")
+        connection.commit()
+    except sa_exc.DBAPIError:
+        connection.invalidate()
+        return False
+    return True
+
+
+def _end(connection: Connection, statement: str) -> None:
+    """Send COMMIT or ROLLBACK; errors arrive as SQLAlchemy's (a lost connection invalidated)."""
+    connection.exec_driver_sql(statement)
+    connection.commit()  # ends the autobegun SQLAlchemy-level transaction (nothing is sent)
+
+
+def defer(session: Session, statement: Any, parameters: dict[str, Any]) -> None:
+    """Run `statement` later in this transaction, ahead of its next statement or its COMMIT.
+
+    For statements whose result nobody reads. Outside a command transaction it runs now. An
+    error it raises surfaces at that next statement and fails the transaction all the same.
+    """
+    connection = session.connection()
+    pending: _Pending | None = connection.info.get(STATE)
+    if pending is None:
+        session.execute(statement, parameters)
+        return
+    compiled = statement.compile(dialect=connection.dialect)
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        rendered = cursor.mogrify(str(compiled), compiled.construct_params(parameters))
+    finally:
+        cursor.close()
+    pending.deferred.append(rendered.decode() if isinstance(rendered, bytes) else rendered)
+
+
 @contextmanager
 def transaction() -> Iterator[Session]:
     """One session in one transaction: committed on success, rolled back on any error."""
-    with session_factory().begin() as session:
-        yield session
+    connection = _command_connection()
+    pending = _Pending()
+    connection.info[STATE] = pending
+    try:
+        with Session(bind=connection, expire_on_commit=False) as session, session.begin():
+            yield session
+        if not (pending.begin and not pending.deferred):  # something was, or is to be, sent
+            _end(connection, "COMMIT")
+    except BaseException:
+        begun = not pending.begin
+        pending.begin, pending.deferred = False, []
+        if begun and not connection.invalidated:
+            try:
+                _end(connection, "ROLLBACK")
+            except sa_exc.SQLAlchemyError:
+                connection.invalidate()  # the next transaction checks out another
+        raise
+    finally:
+        connection.info.pop(STATE, None)
+        connection.info[_IDLE_SINCE] = time.monotonic()
