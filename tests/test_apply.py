@@ -87,6 +87,62 @@ def test_the_same_key_twice_in_one_batch_is_applied_then_duplicate(
     assert second.result == {**(first.result or {}), "outcome": "duplicate"}
 
 
+def test_a_key_applied_in_an_earlier_batch_is_a_duplicate_and_the_rest_apply_once(
+    clean_database: str, author: int
+) -> None:
+    (first,) = run(command("tags.create", data={"name": "old"}, command_id="old-key"))
+    # The fast path inserts every key last: this batch fails on "old-key" and runs again,
+    # claiming first. Its re-sent command would now be a conflict: it must be a duplicate.
+    batch = run(command("tags.create", data={"name": "new1"}),
+                command("tags.create", data={"name": "old"}, command_id="old-key"),
+                command("posts.create", data={"title": "p", "author_id": author,
+                                              "tags": ["new2"]}))
+    assert [outcome(c) for c in batch] == ["applied", "duplicate", "applied"]
+    assert batch[1].result == {**(first.result or {}), "outcome": "duplicate"}
+    assert scalar(clean_database, "SELECT count(*) FROM tags") == 3
+    assert scalar(clean_database, "SELECT count(*) FROM posts") == 1
+    assert scalar(clean_database, "SELECT count(*) FROM dead_letters") == 0
+
+
+def test_a_rejected_command_whose_key_was_applied_before_is_a_duplicate(
+    clean_database: str, author: int
+) -> None:
+    (first,) = run(command("posts.create", data={"title": "p", "author_id": author},
+                           command_id="post-key"))
+    assert first.result is not None
+    run(command("posts.delete", id=first.result["id"]))
+    # Applied again, this would be a conflict-free insert; sent with a missing author it
+    # would be not_found. Either way the key was applied: a duplicate, no dead letter.
+    (again,) = run(command("posts.create", data={"title": "p", "author_id": 999},
+                           command_id="post-key"))
+    assert outcome(again) == "duplicate"
+    assert scalar(clean_database, "SELECT count(*) FROM dead_letters") == 0
+
+
+def test_a_key_being_applied_by_another_transaction_waits_for_it_then_is_a_duplicate(
+    clean_database: str, author: int
+) -> None:
+    import threading
+
+    import psycopg2
+
+    other = psycopg2.connect(clean_database.replace("postgresql+psycopg2", "postgresql"))
+    with other.cursor() as cursor:
+        cursor.execute("INSERT INTO command_ledger (command_id, task, result) "
+                       "VALUES ('busy-key', 'tags.create', '{\"id\": 7}')")
+    late = command("tags.create", data={"name": "late"}, command_id="busy-key")
+    worker = threading.Thread(target=run, args=(late,))
+    worker.start()
+    worker.join(1.0)
+    assert worker.is_alive(), "the batch did not wait for the open transaction"
+    other.commit()
+    other.close()
+    worker.join(30)
+    assert outcome(late) == "duplicate"
+    assert late.result == {"id": 7, "outcome": "duplicate"}
+    assert scalar(clean_database, "SELECT count(*) FROM tags") == 0
+
+
 def test_updates_of_one_row_in_one_batch_apply_in_order(
     clean_database: str, author: int
 ) -> None:

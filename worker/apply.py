@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from worker import deadletters, writes
+from worker import db, deadletters, writes
 from worker.config import get_settings
 from worker.db import transaction
 from worker.errors import (
@@ -241,10 +241,17 @@ def _runs(commands: Sequence[Command]) -> list[list[Command]]:
     return runs
 
 
-def _apply_round(session: Session, commands: Sequence[Command]) -> None:
-    """Apply commands whose keys are distinct, in order, within the caller's transaction."""
+def _apply_round(session: Session, commands: Sequence[Command], claim_first: bool) -> None:
+    """Apply commands whose keys are distinct, in order, within the caller's transaction.
+
+    Claiming first, a key applied before is found up front and its command is a duplicate.
+    Claiming last (the fast way, one statement fewer and each key written once), every key
+    is inserted after the writes with a plain INSERT: a key applied before, or being applied
+    by another transaction (which the INSERT waits for), fails the whole transaction with a
+    unique violation, and `run_batch` applies the batch again, claiming first.
+    """
     valid = [command for command in commands if command.rejection is None]
-    if valid:
+    if valid and claim_first:
         _claim(session, valid)
     fresh = [command for command in valid if command.result is None]
     for run in _runs(fresh):
@@ -257,25 +264,44 @@ def _apply_round(session: Session, commands: Sequence[Command]) -> None:
                 command.result = {"command_id": command.key, "outcome": "applied",
                                   "entity": spec.entity, "id": outcome["id"], "data": outcome}
     applied = [command for command in fresh if command.rejection is None]
-    if applied:
-        session.execute(text(
-            "UPDATE command_ledger SET result = CAST(v.r AS jsonb), applied_at = clock_timestamp() "
-            "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
-            "WHERE command_ledger.command_id = v.k"),
-            {"keys": [command.key for command in applied],
-             "results": [json.dumps(command.result) for command in applied]})
-    unclaimed = [command.key for command in fresh if command.rejection is not None]
-    if unclaimed:
-        # A rejection leaves no ledger entry: the same key may be applied by a replay.
-        session.execute(text("DELETE FROM command_ledger "
-                             "WHERE command_id = ANY(CAST(:keys AS text[]))"), {"keys": unclaimed})
+    # A rejection leaves no ledger entry: the same key may be applied by a replay.
+    rejected = [command.key for command in fresh if command.rejection is not None]
+    # Nobody reads what these return: they travel with the next statement or the COMMIT.
+    if claim_first:
+        if applied:
+            db.defer(session, text(
+                "UPDATE command_ledger SET result = CAST(v.r AS jsonb), "
+                "applied_at = clock_timestamp() "
+                "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
+                "WHERE command_ledger.command_id = v.k"),
+                {"keys": [command.key for command in applied],
+                 "results": [json.dumps(command.result) for command in applied]})
+    elif fresh:
+        # Rejected keys too, and deleted again: one applied before must fail the batch too.
+        db.defer(session, text(
+            "INSERT INTO command_ledger (command_id, task, result, applied_at) "
+            "SELECT k, t, CAST(r AS jsonb), clock_timestamp() FROM unnest("
+            "CAST(:keys AS text[]), CAST(:tasks AS text[]), CAST(:results AS text[])) "
+            "AS v(k, t, r)"),
+            {"keys": [command.key for command in fresh],
+             "tasks": [command.task for command in fresh],
+             "results": [json.dumps(command.result) if command.rejection is None else "{}"
+                         for command in fresh]})
+    if rejected:
+        db.defer(session, text("DELETE FROM command_ledger "
+                               "WHERE command_id = ANY(CAST(:keys AS text[]))"),
+                 {"keys": rejected})
     for command in commands:
         if command.rejection is not None:
             record_dead_letter(session, command)
 
 
-def apply(session: Session, commands: Sequence[Command]) -> None:
-    """Apply prepared commands in order inside the caller's transaction (no commit)."""
+def apply(session: Session, commands: Sequence[Command], claim_first: bool = True) -> None:
+    """Apply prepared commands in order inside the caller's transaction (no commit).
+
+    `claim_first=False` (see `_apply_round`) needs distinct keys and a caller ready to apply
+    the batch again, claiming first, when the transaction fails: `run_batch`.
+    """
     remaining = list(commands)
     while remaining:
         # A key sent twice in one batch: the later copy waits for the next round.
@@ -288,7 +314,8 @@ def apply(session: Session, commands: Sequence[Command]) -> None:
             else:
                 keys.add(command.key)
                 this_round.append(command)
-        _apply_round(session, this_round)
+        assert claim_first or not later, "claiming last needs distinct keys"
+        _apply_round(session, this_round, claim_first)
         remaining = later
 
 
@@ -334,26 +361,33 @@ def rejection_for(error: sa_exc.DBAPIError) -> CommandRejected | None:
     return None
 
 
-def run_batch(commands: Sequence[Command]) -> None:
+def run_batch(commands: Sequence[Command], claim_first: bool = False) -> None:
     """Prepare and apply `commands` as one transaction; transient faults are raised.
 
-    A permanent database error the checks did not foresee (a race with another worker)
-    rolls the batch back; each command is then applied alone, so the error lands on the
-    one command it belongs to.
+    The batch first claims its keys last (see `_apply_round`); any permanent database error
+    then rolls it back and it is applied again claiming first: a key applied before comes out
+    a duplicate there. A permanent database error the checks did not foresee (a race with
+    another worker) while claiming first rolls the batch back too; each command is then
+    applied alone, so the error lands on the one command it belongs to.
     """
     for command in commands:
         if command.key is None and command.rejection is None and command.result is None:
             prepare(command)
+    keys = [command.key for command in commands if command.rejection is None]
+    claim_first = claim_first or len(set(keys)) < len(keys)
     try:
         with transaction() as session:
-            apply(session, commands)
+            apply(session, commands, claim_first)
     except sa_exc.SQLAlchemyError as error:
         _reset(commands)
         if is_transient(error) or not isinstance(error, sa_exc.DBAPIError):
             raise
+        if not claim_first:
+            run_batch(commands, claim_first=True)
+            return
         if len(commands) > 1:
             for command in commands:
-                run_batch([command])
+                run_batch([command], claim_first=True)
             return
         (command,) = commands
         rejection = rejection_for(error)
