@@ -104,28 +104,39 @@ def _delete(session: Session, table: str, label: str, changes: Sequence[Change],
 
 # --- tags ---------------------------------------------------------------------------------
 
-# Creates the missing tags among :names (in name order, so that concurrent inserts of the same
-# names cannot deadlock), then links (:posts[i], :link_names[i]); with :replace, each post
-# listed there loses its other links. Returns the id of every name it could see.
-#
-# A name a concurrent transaction inserted after this statement's snapshot is neither created
-# here (ON CONFLICT waits for that transaction, then skips) nor visible to `known`: the caller
-# sees it missing and runs the statement again for it, with a fresh snapshot.
+def _tag_ctes(wanted: str, pairs: str) -> str:
+    """CTEs that create the missing tags and link posts to tags, ending with `known`.
+
+    `wanted` is a query of the names (column n), `pairs` one of the links (p: post id, n:
+    tag name). Missing tags are created in name order (so that concurrent inserts of the same
+    names cannot deadlock); with :replace, each post listed there loses its other links.
+    `known` (id, name) holds every wanted tag the statement could see.
+
+    A name a concurrent transaction inserted after this statement's snapshot is neither created
+    here (ON CONFLICT waits for that transaction, then skips) nor visible to `known`: the caller
+    sees it missing and runs `_TAGS_AND_LINKS` again for it, with a fresh snapshot.
+    """
+    return (
+        f"pairs AS ({pairs}), wanted AS ({wanted}), "
+        "created AS (INSERT INTO tags (name, version) SELECT n, 1 FROM wanted "
+        "WHERE NOT EXISTS (SELECT 1 FROM tags WHERE tags.name = wanted.n) ORDER BY n "
+        "ON CONFLICT (name) DO NOTHING RETURNING id, name), "
+        "known AS (SELECT id, name FROM created UNION ALL "
+        "SELECT tags.id, tags.name FROM tags JOIN wanted ON tags.name = wanted.n), "
+        "desired AS (SELECT DISTINCT pairs.p AS post_id, known.id AS tag_id "
+        "FROM pairs JOIN known ON known.name = pairs.n), "
+        "removed AS (DELETE FROM post_tags WHERE post_id = ANY(CAST(:replace AS int[])) "
+        "AND (post_id, tag_id) NOT IN (SELECT post_id, tag_id FROM desired)), "
+        "linked AS (INSERT INTO post_tags (post_id, tag_id) SELECT post_id, tag_id FROM desired "
+        "ON CONFLICT DO NOTHING)")
+
+
+# Tags :names (created when missing), links (:posts[i], :link_names[i]); the ids it could see.
 _TAGS_AND_LINKS = text(
-    "WITH wanted AS (SELECT DISTINCT n FROM unnest(CAST(:names AS text[])) AS n), "
-    "created AS (INSERT INTO tags (name, version) SELECT n, 1 FROM wanted "
-    "WHERE NOT EXISTS (SELECT 1 FROM tags WHERE tags.name = wanted.n) ORDER BY n "
-    "ON CONFLICT (name) DO NOTHING RETURNING id, name), "
-    "known AS (SELECT id, name FROM created UNION ALL "
-    "SELECT tags.id, tags.name FROM tags JOIN wanted ON tags.name = wanted.n), "
-    "desired AS (SELECT DISTINCT l.p AS post_id, known.id AS tag_id "
-    "FROM unnest(CAST(:posts AS int[]), CAST(:link_names AS text[])) AS l(p, n) "
-    "JOIN known ON known.name = l.n), "
-    "removed AS (DELETE FROM post_tags WHERE post_id = ANY(CAST(:replace AS int[])) "
-    "AND (post_id, tag_id) NOT IN (SELECT post_id, tag_id FROM desired)), "
-    "linked AS (INSERT INTO post_tags (post_id, tag_id) SELECT post_id, tag_id FROM desired "
-    "ON CONFLICT DO NOTHING) "
-    "SELECT id, name FROM known")
+    "WITH " + _tag_ctes(
+        "SELECT DISTINCT n FROM unnest(CAST(:names AS text[])) AS n",
+        "SELECT * FROM unnest(CAST(:posts AS int[]), CAST(:link_names AS text[])) AS l(p, n)")
+    + " SELECT id, name FROM known")
 _TAG_ROUNDS = 3
 
 
@@ -323,26 +334,44 @@ def _links(post_ids: Sequence[int], tag_lists: Sequence[Sequence[str]]
             for name in names]
 
 
+# Posts by existing authors, with ids drawn in command order (only for posts whose author
+# exists), their tags (missing ones created) and links, in one statement. The foreign key
+# checks then hold KEY SHARE locks on the authors, so none is deleted before this commits (a
+# concurrent delete makes the statement fail instead). Each row: the command's ordinal, the
+# post, and every tag name the statement could see (see `_tag_ctes`).
+_CREATE_POSTS = text(
+    "WITH v AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('posts', 'id')) AS i, "
+    "t, c, a, o FROM unnest(CAST(:titles AS text[]), CAST(:contents AS text[]), "
+    "CAST(:authors AS int[])) WITH ORDINALITY AS v(t, c, a, o) "
+    "WHERE EXISTS (SELECT 1 FROM users WHERE users.id = v.a) ORDER BY o), "
+    "ins AS (INSERT INTO posts (id, title, content, author_id, version) "
+    "SELECT i, t, c, a, 1 FROM v "
+    "RETURNING id, title, content, author_id, created_at, version), "
+    + _tag_ctes(
+        "SELECT DISTINCT n FROM pairs",
+        "SELECT v.i AS p, l.n FROM unnest(CAST(:link_ordinals AS int[]), "
+        "CAST(:link_names AS text[])) AS l(o, n) JOIN v ON v.o = l.o")
+    + " SELECT v.o, ins.*, ARRAY(SELECT name FROM known) AS known_tags "
+    "FROM ins JOIN v ON v.i = ins.id")
+
+
 def create_posts(session: Session, items: Sequence[PostCreate]) -> list[Outcome]:
     """Insert posts by existing authors; tags named but missing are created."""
-    # One statement draws ids (in command order, only for posts whose author exists) and
-    # inserts; the foreign key check then holds KEY SHARE locks on the authors, so none is
-    # deleted before this commits (a concurrent delete makes the insert fail instead).
-    rows = {row.o - 1: row for row in session.execute(text(
-        "WITH v AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('posts', 'id')) AS i, "
-        "t, c, a, o FROM unnest(CAST(:titles AS text[]), CAST(:contents AS text[]), "
-        "CAST(:authors AS int[])) WITH ORDINALITY AS v(t, c, a, o) "
-        "WHERE EXISTS (SELECT 1 FROM users WHERE users.id = v.a) ORDER BY o), "
-        "ins AS (INSERT INTO posts (id, title, content, author_id, version) "
-        "SELECT i, t, c, a, 1 FROM v "
-        "RETURNING id, title, content, author_id, created_at, version) "
-        "SELECT v.o, ins.* FROM ins JOIN v ON v.i = ins.id"),
-        {"titles": [item.title for item in items],
-         "contents": [item.content for item in items],
-         "authors": [item.author_id for item in items]})}
-    tag_lists = {index: list(dict.fromkeys(items[index].tags)) for index in rows}
-    _tags_and_links(session, [name for names in tag_lists.values() for name in names],
-                    _links([rows[i].id for i in tag_lists], list(tag_lists.values())))
+    tag_lists = [list(dict.fromkeys(item.tags)) for item in items]
+    links = [(ordinal, name) for ordinal, names in enumerate(tag_lists, start=1)
+             for name in names]
+    rows = {row.o - 1: row for row in session.execute(_CREATE_POSTS, {
+        "titles": [item.title for item in items],
+        "contents": [item.content for item in items],
+        "authors": [item.author_id for item in items],
+        "link_ordinals": [ordinal for ordinal, _ in links],
+        "link_names": [name for _, name in links], "replace": []})}
+    if rows:
+        known = set(next(iter(rows.values())).known_tags)
+        missed = [(rows[index].id, name) for index in rows for name in tag_lists[index]
+                  if name not in known]
+        if missed:
+            _tags_and_links(session, [name for _, name in missed], missed)
     return [_post(rows[index], tag_lists[index]) if index in rows
             else NotFound(f"author {item.author_id} does not exist")
             for index, item in enumerate(items)]
