@@ -107,6 +107,7 @@ class BatchConsumer:
                         redis.Redis.from_url(backend, socket_timeout=15,
                                              socket_connect_timeout=10))
         self.take_script = self.broker.register_script(transport.TAKE_SCRIPT)
+        self.finish_script = self.results.register_script(transport.FINISH_SCRIPT)
         self.keys = transport.take_keys(self.queue)
         self.hostname = f"batch-{os.getpid()}@{socket.gethostname()}"
         self.kombu = Connection(
@@ -193,7 +194,7 @@ class BatchConsumer:
                                      item.command.task_id)
         runtime = time.monotonic() - started
         tags = [item.delivery_tag for item in done if item.delivery_tag]
-        # With results on the broker's Redis, outcomes and acknowledgment go in one MULTI.
+        # With results on the broker's Redis, outcomes and acknowledgment go in one script call.
         together = self.results is self.broker
         self._store_outcomes([item.command for item in done], runtime, tags if together else [])
         if not together:
@@ -234,34 +235,29 @@ class BatchConsumer:
 
     def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float,
                         ack_tags: Sequence[str] = ()) -> None:
+        """Store each outcome (and publish it), acknowledge `ack_tags`, send the task events.
+
+        With results on the broker's Redis, that is one FINISH_SCRIPT call, atomic: the
+        messages are acknowledged exactly when their outcomes are stored.
+        """
         share = runtime / max(1, len(commands))
         for command in commands:
             if command.rejection is not None:
                 self._task_event("task-failed", command, exception=repr(command.rejection),
                                  traceback=None)
             else:
-                self._task_event("task-succeeded", command,
-                                 result=repr(redact(command.result)), runtime=share)
-        expires = self.settings.result_expires
-        events_pending = True
+                self._task_event("task-succeeded", command, result=repr(command.result),
+                                 runtime=share)
+        results = [(RESULT_KEY.format(command.task_id), json.dumps(result_meta(command)))
+                   for command in commands if command.task_id]
+        together = self.results is self.broker
+        publishes = self._collect_events() if together else []
+        keys, args = transport.finish_arguments(self.queue, results,
+                                                self.settings.result_expires, list(ack_tags),
+                                                publishes)
         while True:
             try:
-                pipe = self.results.pipeline(transaction=bool(ack_tags))
-                for command in commands:
-                    if not command.task_id:
-                        continue
-                    key = RESULT_KEY.format(command.task_id)
-                    value = json.dumps(result_meta(command))
-                    # The first outcome stored for a task id stands, as with Celery's backend.
-                    pipe.set(key, value, ex=expires, nx=True)
-                    pipe.publish(key, value)
-                if ack_tags:
-                    self._ack_into(pipe, ack_tags)
-                if events_pending:
-                    # Events are best effort: built into the first try only.
-                    events_pending = False
-                    self._events_into(pipe)
-                pipe.execute()
+                self.finish_script(keys=keys, args=args, client=self.results)
                 break
             except (redis.ConnectionError, redis.TimeoutError):
                 if self.stopping:
@@ -270,19 +266,20 @@ class BatchConsumer:
                     return
                 logger.warning("result backend unreachable; retrying")
                 time.sleep(1)
+        if not together and self.events is not None:
+            self.events.flush()  # the results are on another Redis: events go on their own
 
-    def _events_into(self, pipe: Any) -> None:
-        """The buffered task events, as commands of `pipe` (on the broker's Redis only)."""
+    def _collect_events(self) -> list[tuple[str, bytes | str]]:
+        """The buffered task events as (channel, message) pairs, not yet sent (best effort)."""
         if self.events is None:
-            return
-        if self.results is not self.broker:
-            self.events.flush()  # the results' pipeline is on another Redis
-            return
+            return []
         try:
-            with transport.publishing_into(self.events.producer, pipe):
+            with transport.collecting_publishes(self.events.producer) as publishes:
                 self.events.flush()
+            return list(publishes)
         except Exception:
-            logger.debug("could not add the task events", exc_info=True)
+            logger.debug("could not collect the task events", exc_info=True)
+            return []
 
     def _ack(self, tags: Sequence[str]) -> None:
         if not tags:

@@ -11,7 +11,7 @@ or exceed the size limit in a quarantine list, from which they become dead lette
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
@@ -140,32 +140,36 @@ class QoS(kombu_redis.QoS):
                 client.hdel(deliveries_key(str(name)), delivery_tag)
 
 
-class IntoPipeline:
-    """A kombu publish batch whose Redis commands join a pipeline its owner executes.
+class CollectedPublishes:
+    """A kombu publish batch that sends nothing: it keeps each message's Redis PUBLISH.
 
     kombu (5.7) routes a message published inside `Producer.batch()` through the channel's
-    `create_publish_batch`, and the transport hands this batch each final Redis command
-    (`add`). Here they go into the caller's pipeline, so a message costs no round trip of its
-    own and leaves Redis when, and only if, that pipeline is executed.
+    `create_publish_batch`, and the transport hands the batch each final Redis command
+    (`add`). Kept here as (channel, payload) pairs, they go out with whatever its owner sends
+    next (the batch consumer's FINISH_SCRIPT), costing no round trip of their own.
     """
 
-    def __init__(self, channel: Any, pipeline: Any) -> None:
+    def __init__(self, channel: Any) -> None:
         self.channel = channel
-        self.pipeline = pipeline
+        self.publishes: list[tuple[str, bytes | str]] = []
 
     def publish(self, message: Any, **kwargs: Any) -> Any:
-        """Route `message` as kombu would; its Redis commands land in the pipeline."""
+        """Route `message` as kombu would; its Redis commands are kept."""
         return self.channel.basic_publish(message, _publish_batch=self, **kwargs)
 
     def add(self, name: str, *args: Any) -> None:
-        """One Redis command of the message being routed."""
-        getattr(self.pipeline, name)(*args)
+        """One Redis command of the message being routed (fanout messages: PUBLISH only)."""
+        if name != "publish":
+            raise ValueError(f"only fanout messages can be collected, not {name!r}")
+        topic, payload = args
+        self.publishes.append((topic, payload))
 
     def flush(self) -> None:
-        """Nothing to send: the pipeline's owner executes it."""
+        """Nothing to send: the owner sends what was kept."""
 
     def discard(self) -> None:
-        """Nothing held here."""
+        """Forget what was kept."""
+        self.publishes.clear()
 
     def close(self) -> None:
         """Nothing held here."""
@@ -183,8 +187,8 @@ class AtomicFetch(kombu_redis.Channel):
         *kombu_redis.Channel.from_transport_options, "max_message_bytes",
     )
     _polled_queue: str | None = None
-    #: While set (`publishing_into`), publishes in `Producer.batch()` join this pipeline.
-    publish_into: Any = None
+    #: While set (`collecting_publishes`), publishes in `Producer.batch()` are kept here.
+    collector: CollectedPublishes | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._unacknowledged_queues: set[str] = set()
@@ -192,8 +196,8 @@ class AtomicFetch(kombu_redis.Channel):
         self._take = self.client.register_script(TAKE_SCRIPT)
 
     def create_publish_batch(self, max_size: int) -> Any:
-        if self.publish_into is not None:
-            return IntoPipeline(self, self.publish_into)
+        if self.collector is not None:
+            return self.collector
         return super().create_publish_batch(max_size)
 
     def _reliable_queue(self) -> str | None:
@@ -324,18 +328,57 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 
 @contextmanager
-def publishing_into(producer: Any, pipeline: Any) -> Iterator[None]:
-    """Messages `producer` publishes meanwhile become commands of `pipeline` (not sent here).
+def collecting_publishes(producer: Any) -> Iterator[list[tuple[str, bytes | str]]]:
+    """Messages `producer` publishes meanwhile are not sent: their (channel, payload) are kept.
 
     The producer's channel must be one of this module's (`AtomicFetch`).
     """
     channel = producer.channel
-    channel.publish_into = pipeline
+    collector = CollectedPublishes(channel)
+    channel.collector = collector
     try:
         with producer.batch():
-            yield
+            yield collector.publishes
     finally:
-        channel.publish_into = None
+        channel.collector = None
+
+
+# Finishes a batch in one atomic step. KEYS: the n result keys, then the unacked hash, the
+# unacked index and the deliveries hash. ARGV: result expiry (s), n, the n results, m, the m
+# delivery tags to acknowledge, then (channel, message) pairs to publish (task events).
+# Each result is stored only if none is (the first outcome stands, as with Celery's backend)
+# and published on its key's channel, as Celery's Redis backend does for waiting clients.
+FINISH_SCRIPT = """
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[2 + i], 'EX', ARGV[1], 'NX')
+  redis.call('PUBLISH', KEYS[i], ARGV[2 + i])
+end
+local m = tonumber(ARGV[3 + n])
+if m > 0 then
+  local tags = {unpack(ARGV, 4 + n, 3 + n + m)}
+  redis.call('ZREM', KEYS[n + 2], unpack(tags))
+  redis.call('HDEL', KEYS[n + 1], unpack(tags))
+  redis.call('HDEL', KEYS[n + 3], unpack(tags))
+end
+for i = 4 + n + m, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return n
+"""
+
+
+def finish_arguments(queue: str, results: Sequence[tuple[str, str | bytes]], expires: int,
+                     ack_tags: Sequence[str], publishes: Sequence[tuple[str, bytes | str]],
+                     unacked_key: str = "unacked", unacked_index_key: str = "unacked_index"
+                     ) -> tuple[list[str], list[Any]]:
+    """FINISH_SCRIPT's keys and arguments."""
+    keys = [key for key, _ in results] + [unacked_key, unacked_index_key, deliveries_key(queue)]
+    args: list[Any] = [expires, len(results), *(value for _, value in results),
+                       len(ack_tags), *ack_tags]
+    for channel, payload in publishes:
+        args += [channel, payload]
+    return keys, args
 
 
 def transport_for(url: str) -> str:
