@@ -118,6 +118,15 @@ def idempotency_key(kwargs: Any, task_id: str | None) -> str | None:
     return task_id
 
 
+def needs_hash(command: Command) -> bool:
+    """Whether applying `command` hashes a password (cheap: looks, does not validate)."""
+    if command.task not in ("users.create", "users.update") or not isinstance(command.kwargs,
+                                                                             dict):
+        return False
+    data = command.kwargs.get("data")
+    return isinstance(data, dict) and isinstance(data.get("password"), str)
+
+
 def prepare(command: Command) -> None:
     """Validate `command` and hash its password (slow: done before any transaction opens)."""
     command.key = idempotency_key(command.kwargs, command.task_id)

@@ -102,6 +102,15 @@ def redis_pid(url: str) -> int | None:
         client.close()
 
 
+# The throwaway PostgreSQL: durable as configured by default (fsync, synchronous_commit, full
+# page writes), plus commit timestamps, which give each command's latency up to its commit
+# (measure.py). A new cluster has no WAL segment to recycle: it creates every one, and
+# zero-filling a new 16 MB segment holds up every commit meanwhile (30-80 ms here, several
+# times a phase), which a long-running server that recycles its segments seldom does. New
+# segments are therefore only extended, not zero-filled (wal_init_zero=off).
+SETTINGS = {"track_commit_timestamp": "on", "wal_init_zero": "off"}
+
+
 @contextmanager
 def open_stack(server_url: str | None, broker_url: str | None,
                data_dir: Path | None = None) -> Iterator[Stack]:
@@ -115,9 +124,7 @@ def open_stack(server_url: str | None, broker_url: str | None,
             from worker.servers import EmbeddedPostgres
 
             assert base is not None
-            # Commit timestamps give each command's latency up to its commit (see measure.py).
-            postgres = exits.enter_context(EmbeddedPostgres(
-                base / "postgres", settings={"track_commit_timestamp": "on"}))
+            postgres = exits.enter_context(EmbeddedPostgres(base / "postgres", settings=SETTINGS))
             server_url = postgres.url
         if not broker_url:
             from worker.servers import EmbeddedRedis

@@ -110,9 +110,13 @@ def tables(result: dict[str, Any]) -> list[Table]:
     if hashing:
         ceilings.add_row(
             f"argon2id hashes (t={hashing['time_cost']}, m={hashing['memory_kib']} KiB, "
-            f"p={hashing['parallelism']}), {hashing['per_core_per_s']:.1f}/core x "
-            f"{hashing['processes']}", _num(hashing.get("ceiling_per_s"), 1),
+            f"p={hashing['parallelism']}), {hashing['per_core_per_s']:.1f}/core with "
+            f"{hashing['processes']} hashing at once", _num(hashing.get("ceiling_per_s"), 1),
             _num(result.get("users_create_ratio_vs_hash_ceiling"), 2, "x"))
+        ceilings.add_row(
+            f"argon2id hashes, one core alone ({hashing['alone_per_s']:.1f}/s) x "
+            f"{hashing['processes']}", _num(hashing.get("alone_x_processes_per_s"), 1),
+            _num(ratios.get("users_create_vs_one_core_alone_x_processes"), 2, "x"))
     latency = result.get("latency") or {}
     soak = result.get("soak") or {}
     other = Table(title="Latency and memory")
