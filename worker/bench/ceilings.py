@@ -128,10 +128,33 @@ def _hash_rate(seconds: float) -> float:
 HASH_WINDOWS = 3
 
 
+def _send_hash_rate(seconds: float, pipe: Any) -> None:
+    pipe.send(_hash_rate(seconds))
+    pipe.close()
+
+
 def _hashing_at_once(processes: int, seconds: float) -> float:
-    """Hashes/s of `processes` forked processes hashing at once for about `seconds`."""
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        return float(sum(pool.map(_hash_rate, [seconds] * processes)))
+    """Hashes/s of `processes` forked processes hashing at once for about `seconds`.
+
+    Plain processes and pipes, not a Pool: a Pool's own threads, alive while the next one
+    forks, can leave a lock held in the child (seen here: a child hung forever).
+    """
+    context = multiprocessing.get_context("fork")
+    readers, children = [], []
+    for _ in range(processes):
+        reader, writer = context.Pipe(duplex=False)
+        child = context.Process(target=_send_hash_rate, args=(seconds, writer), daemon=True)
+        child.start()
+        writer.close()
+        readers.append(reader)
+        children.append(child)
+    try:
+        return float(sum(reader.recv() for reader in readers))
+    finally:
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
 
 
 def hash_ceiling(processes: int, seconds: float) -> dict[str, Any]:
