@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ def scalar(url: str, sql: str, **params: Any) -> Any:
 
 
 @pytest.fixture
-def statements(clean_database: str) -> list[str]:
+def statements(clean_database: str) -> Iterator[list[str]]:
     """Every statement text the command connection sends, in order."""
     sent: list[str] = []
 
@@ -99,7 +100,16 @@ def test_a_transaction_that_sends_nothing_sends_no_begin_or_commit(
     assert statements == []
 
 
-def test_a_connection_killed_between_transactions_is_replaced(clean_database: str) -> None:
+@pytest.fixture
+def held(clean_database: str) -> Iterator[None]:
+    """This thread keeps its command connection, as a consumer process does."""
+    db.hold_connection()
+    yield
+    db.hold_connection(False)
+
+
+def test_a_held_connection_killed_between_transactions_is_replaced(held: None,
+                                                                    clean_database: str) -> None:
     with db.transaction() as session:
         pid = session.execute(text("SELECT pg_backend_pid()")).scalar()
     assert scalar(clean_database, "SELECT pg_terminate_backend(:pid)", pid=pid) is True
@@ -113,24 +123,37 @@ def test_a_connection_killed_between_transactions_is_replaced(clean_database: st
         assert session.execute(text("SELECT pg_backend_pid()")).scalar() != pid
 
 
-def test_each_thread_has_its_own_connection(clean_database: str) -> None:
+def test_a_held_connection_serves_only_the_thread_that_holds_it(held: None,
+                                                                 clean_database: str) -> None:
     import threading
 
-    pids: list[int] = []
-
-    def backend() -> None:
+    def backend() -> int:
         with db.transaction() as session:
-            pids.append(int(session.execute(text("SELECT pg_backend_pid()")).scalar_one()))
+            return int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
-    backend()
-    other = threading.Thread(target=backend)
-    other.start()
-    other.join()
-    assert len(set(pids)) == 2
+    mine = [backend(), backend()]
+    others: list[int] = []
+    thread = threading.Thread(target=lambda: others.append(backend()))
+    thread.start()
+    thread.join()
+    assert mine[0] == mine[1]  # kept between transactions
+    assert others[0] != mine[0]  # another thread never shares it
+    pool = db.get_engine().pool
+    assert pool.checkedout() == 1  # the other thread's connection went back to the pool
 
 
-def test_a_connection_idle_for_a_while_is_pinged_before_use(
-    clean_database: str, monkeypatch: pytest.MonkeyPatch
+def test_without_holding_each_transaction_gives_its_connection_back(clean_database: str
+                                                                   ) -> None:
+    pool = db.get_engine().pool
+    for _ in range(3):
+        with db.transaction() as session:
+            session.execute(text("SELECT 1"))
+            assert pool.checkedout() == 1
+    assert pool.checkedout() == 0
+
+
+def test_a_held_connection_idle_for_a_while_is_pinged_before_use(
+    held: None, clean_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with db.transaction() as session:
         pid = session.execute(text("SELECT pg_backend_pid()")).scalar()

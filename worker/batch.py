@@ -360,6 +360,7 @@ def _consume_forever(batch_size: int, events: bool, peers: int) -> None:
     """A child process's life: one consumer until SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     db.after_fork()
+    db.hold_connection()  # this process applies its batches one after another
     consumer = BatchConsumer(get_settings(), batch_size, events, peers)
     # What exists now (modules, the app, the consumer) lives as long as the process: kept out
     # of the collector, a full collection no longer walks ~100,000 objects (30-40 ms) mid-batch.

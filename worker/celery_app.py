@@ -130,4 +130,11 @@ def _record_quarantined_messages(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _new_pool_after_fork(**_: Any) -> None:
+    import gc
+
     db.after_fork()
+    # A prefork child runs one task at a time, in this thread: it keeps its connection.
+    db.hold_connection()
+    # What exists now lives as long as the child: out of the collector's full collections.
+    gc.collect()
+    gc.freeze()

@@ -1,12 +1,14 @@
 """The per-process engine, session factory and command transactions (never shared across fork).
 
-Command transactions (`transaction()`) run on a connection the thread keeps between them,
-checked out from the pool (with its pre-ping) the first time and again after a failure. It is
-in autocommit mode at the driver level, and the transaction is ours: BEGIN travels in front
-of the transaction's first statement, statements whose result nobody reads (`defer`) travel
-in front of the next one or of the COMMIT, and COMMIT (or ROLLBACK) is sent explicitly.
-psycopg2 would otherwise spend a round trip on its own BEGIN, the pool one on a ping per
-checkout, and the ledger's last update one of its own.
+Command transactions (`transaction()`) run on a connection in autocommit mode at the driver
+level, and the transaction is ours: BEGIN travels in front of the transaction's first
+statement, statements whose result nobody reads (`defer`) travel in front of the next one or
+of the COMMIT, and COMMIT (or ROLLBACK) is sent explicitly. A consumer process that runs its
+commands one after another in one thread (`hold_connection()`: the batch consumer, a Celery
+prefork child) keeps that connection between transactions: checked out from the pool (with
+its pre-ping) the first time and after a failure, pinged again after an idle second. Any
+other caller checks one out per transaction. psycopg2 would otherwise spend a round trip on
+its own BEGIN, the pool one on a ping per checkout, and the ledger's insert one of its own.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _session_factory: sessionmaker[Session] | None = None
-# Per thread: the connection command transactions run on, and the pid that checked it out.
-_held: dict[int, tuple[int, Connection]] = {}
+# The (pid, thread) that keeps its command connection (`hold_connection`), and that connection.
+_holder: tuple[int, int] | None = None
+_held: tuple[int, Connection] | None = None
 # A held connection idle this long is pinged before use, as the pool does at checkout: after
 # a quiet spell (a database restart, an idle timeout) the next command does not pay a retry.
 IDLE_PING_SECONDS = 1.0
@@ -129,11 +132,11 @@ def session_factory() -> sessionmaker[Session]:
 def reset_engine() -> None:
     """Forget this process's engine (closing its connections); the next use builds a new one."""
     global _engine, _engine_pid, _session_factory
+    global _held
     with _lock:
-        for pid, connection in _held.values():
-            if pid == os.getpid():
-                _close_quietly(connection)
-        _held.clear()
+        if _held is not None and _held[0] == os.getpid():
+            _close_quietly(_held[1])
+        _held = None
         if _engine is not None and _engine_pid == os.getpid():
             _engine.dispose()
         _engine = None
@@ -143,12 +146,11 @@ def reset_engine() -> None:
 
 def after_fork() -> None:
     """Drop a pool inherited across fork, keeping the parent's connections open."""
-    global _engine, _engine_pid, _session_factory
+    global _engine, _engine_pid, _session_factory, _held
     with _lock:
-        for pid, connection in list(_held.values()):
-            if pid != os.getpid():
-                _inherited.append(connection)
-        _held.clear()
+        if _held is not None and _held[0] != os.getpid():
+            _inherited.append(_held[1])
+            _held = None
         if _engine is not None and _engine_pid != os.getpid():
             _engine.dispose(close=False)
             _engine = None
@@ -163,13 +165,29 @@ def _close_quietly(connection: Connection) -> None:
         connection.invalidate()
 
 
+def hold_connection(hold: bool = True) -> None:
+    """Let the calling thread keep its command connection between transactions (or stop).
+
+    For a process that applies commands one after another in this one thread; other threads
+    (and other pools: Celery's threads, gevent, eventlet) check one out per transaction.
+    """
+    global _holder, _held
+    _holder = (os.getpid(), threading.get_ident()) if hold else None
+    if not hold and _held is not None and _held[0] == os.getpid():
+        _close_quietly(_held[1])
+        _held = None
+
+
+def _holding() -> bool:
+    return _holder == (os.getpid(), threading.get_ident())
+
+
 def _command_connection() -> Connection:
-    """This thread's connection for command transactions (checked out when it has none)."""
+    """A connection for one command transaction: the held one while it is usable."""
+    global _held
     engine = get_engine()
-    key = threading.get_ident()
-    held = _held.get(key)
-    if held is not None:
-        pid, connection = held
+    if _holding() and _held is not None:
+        pid, connection = _held
         if pid == os.getpid() and connection.engine is engine and not connection.invalidated \
                 and not connection.closed and _alive(connection):
             return connection
@@ -177,10 +195,20 @@ def _command_connection() -> Connection:
             _close_quietly(connection)
         else:
             _inherited.append(connection)
-        del _held[key]
+        _held = None
     connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-    _held[key] = (os.getpid(), connection)
+    if _holding():
+        _held = (os.getpid(), connection)
     return connection
+
+
+def _release(connection: Connection) -> None:
+    """After a transaction: keep the held connection, give any other back to the pool."""
+    if _held is not None and _held[1] is connection:
+        if not connection.invalidated:  # an invalidated one is replaced at the next use
+            connection.info[_IDLE_SINCE] = time.monotonic()
+    else:
+        _close_quietly(connection)
 
 
 def _alive(connection: Connection) -> bool:
@@ -244,5 +272,6 @@ def transaction() -> Iterator[Session]:
                 connection.invalidate()  # the next transaction checks out another
         raise
     finally:
-        connection.info.pop(STATE, None)
-        connection.info[_IDLE_SINCE] = time.monotonic()
+        if not connection.invalidated:
+            connection.info.pop(STATE, None)
+        _release(connection)
