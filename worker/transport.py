@@ -119,25 +119,29 @@ def drain_quarantine(client: Any, queue: str) -> int:
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's QoS that also forgets a message's delivery count once it is settled."""
+    """kombu's QoS that also forgets a message's delivery count once it is settled.
+
+    One pipeline per settled message (kombu's unacked index and hash, and the count).
+    """
 
     def ack(self, delivery_tag: str) -> None:
-        self._forget_deliveries(delivery_tag)
-        super().ack(delivery_tag)
+        self._settle(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if not requeue:
-            self._forget_deliveries(delivery_tag)
-        super().reject(delivery_tag, requeue=requeue)
+        if requeue:  # back on the queue: its delivery count goes on
+            super().reject(delivery_tag, requeue=True)
+        else:
+            self._settle(delivery_tag)
 
-    def _forget_deliveries(self, delivery_tag: str) -> None:
+    def _settle(self, delivery_tag: str) -> None:
         message = self._delivered.get(delivery_tag)
-        queue = None
-        if message is not None:
-            queue = message.delivery_info.get("routing_key")
-        with self.channel.conn_or_acquire() as client:
-            for name in {queue, *self.channel.active_queues} - {None}:
-                client.hdel(deliveries_key(str(name)), delivery_tag)
+        queue = message.delivery_info.get("routing_key") if message is not None else None
+        pipe = self._remove_from_indices(delivery_tag)
+        for name in {queue, *self.channel.active_queues} - {None}:
+            pipe.hdel(deliveries_key(str(name)), delivery_tag)
+        pipe.execute()
+        # What kombu's Redis QoS does after its own pipeline: forget the message here.
+        super(kombu_redis.QoS, self).ack(delivery_tag)
 
 
 class CollectedPublishes:
