@@ -290,3 +290,31 @@ def test_a_batch_has_the_outcomes_of_applying_its_commands_one_by_one(
     assert [outcome(c) for c in batched] == [outcome(c) for c in one_by_one]
     assert [timeless(c) for c in batched] == [timeless(c) for c in one_by_one]
     assert snapshot(clean_database) == expected
+
+
+@pytest.mark.parametrize("task_id", ["", "nul\x00id", "x" * 129])
+def test_a_task_id_unfit_for_the_ledger_without_a_command_id_is_invalid(
+    clean_database: str, task_id: str
+) -> None:
+    bad = apply.Command(task="tags.create", task_id=task_id, kwargs={"data": {"name": "t"}})
+    fine = command("tags.create", data={"name": "u"})
+    run(bad, fine)
+    assert [outcome(bad), outcome(fine)] == ["invalid", "applied"]
+    assert scalar(clean_database, "SELECT count(*) FROM dead_letters") == 1
+    assert scalar(clean_database, "SELECT count(*) FROM tags") == 1
+
+
+def test_a_command_id_makes_any_task_id_usable(clean_database: str) -> None:
+    ok = apply.Command(task="tags.create", task_id="nul\x00id",
+                       kwargs={"data": {"name": "t"}, "command_id": "good-key"})
+    run(ok)
+    assert outcome(ok) == "applied"
+
+
+def test_an_unknown_task_with_a_very_long_name_still_gets_its_dead_letter(
+    clean_database: str,
+) -> None:
+    long_name = apply.Command(task="x" * 500, task_id="y" * 300, kwargs={})
+    run(long_name)
+    assert outcome(long_name) == "unknown_command"
+    assert scalar(clean_database, "SELECT length(task) FROM dead_letters") == 200

@@ -151,6 +151,17 @@ def test_a_message_delivered_too_often_ends_as_retries_exhausted(
     assert queue.hget(deliveries_key("commands"), tag) is None
 
 
+@pytest.mark.parametrize("task_id", ["nul\x00id", "x" * 300])
+def test_a_task_id_the_ledger_cannot_keep_is_invalid_without_a_command_id(
+    queue: redis.Redis, clean_database: str, task_id: str
+) -> None:
+    raw = encode("tags.create", {"data": {"name": "no-key"}}, task_id=task_id)
+    push_then_check_alive(queue, clean_database, raw)
+    (letter,) = wait_for(clean_database, 1)
+    assert letter.reason == "invalid"
+    assert "idempotency key" in letter.error
+
+
 def test_nothing_is_left_unacknowledged_after_the_work(
     queue: redis.Redis, clean_database: str
 ) -> None:

@@ -140,6 +140,10 @@ def prepare(command: Command) -> None:
             raise UnknownCommand(f"no task named {command.task!r}")
         if command.args:
             raise Invalid("positional arguments are not accepted: send keyword arguments only")
+        if not command.key or "\x00" in command.key or len(command.key) > 128:
+            # The ledger keeps 1 to 128 characters, and PostgreSQL text holds no NUL.
+            raise Invalid("no usable idempotency key: the task id is empty, longer than 128 "
+                          "characters or holds NUL, and no valid command_id was given")
         envelope: Any = parse(spec.envelope, command.kwargs)
         data = None
         if spec.data_model is not None:

@@ -60,10 +60,10 @@ def record(
     kwargs: dict[str, Any] | None = None,
     raw_body: str | None = None,
 ) -> int:
-    """Insert a dead letter and return its id."""
+    """Insert a dead letter and return its id (over-long ids and task names cut to fit)."""
     letter = DeadLetter(
-        command_id=storable(command_id),
-        task=storable(task),
+        command_id=storable(command_id)[:128] if command_id is not None else None,
+        task=storable(task)[:200] if task is not None else None,
         reason=reason,
         error=storable(error[:4000]),
         kwargs=storable(kwargs),
