@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +173,21 @@ def test_check_is_healthy_on_good_servers_and_fails_on_a_bad_database(
     assert report["broker"] == "ok"
 
 
+def test_check_consumer_waits_for_a_heartbeat_from_a_matching_worker(served: None) -> None:
+    # Both consumers send worker heartbeats: the Celery worker as test-...@<host>, the batch
+    # consumer's processes as batch-<pid>@<host>.
+    (report,) = lines(cli("check", "--consumer", "--hostname", f"*@{socket.gethostname()}",
+                          "--json"))
+    assert report["healthy"] is True and report["broker"] == "ok"
+    assert re.fullmatch(rf"ok \((test-\w+|batch-\d+)@{re.escape(socket.gethostname())}\)",
+                        report["consumer"]), report
+    (report,) = lines(cli("check", "--consumer", "--hostname", "*@no-such-host", "--timeout", "2",
+                          "--json", code=1))
+    assert report["healthy"] is False and report["broker"] == "ok"
+    assert report["consumer"] == "no heartbeat from *@no-such-host in 2 s"
+    assert runner.invoke(app, ["check", "--timeout", "2"]).exit_code == 2  # needs --consumer
+
+
 def test_without_urls_or_a_running_server_commands_exit_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,6 +196,7 @@ def test_without_urls_or_a_running_server_commands_exit_3(
         result = runner.invoke(app, ["check"])
         assert result.exit_code == 3, result.output
         assert "no `python -m worker run` is running" in result.output
+        assert runner.invoke(app, ["check", "--consumer"]).exit_code == 3
         assert runner.invoke(app, ["users", "list"]).exit_code == 3
         assert runner.invoke(app, ["send", "tags.create", "--data", '{"name": "x"}']
                              ).exit_code == 3

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -186,18 +189,80 @@ def migrate() -> None:
     console.print("The schema is at the head revision.")
 
 
+# The worker events that say a consumer is alive (the batch consumer sends a heartbeat every 2 s).
+LIVENESS_EVENTS = ("worker-heartbeat", "worker-online")
+
+
+def consumer_heard(pattern: str, timeout: float) -> str | None:
+    """The hostname of the first worker matching `pattern` to send a heartbeat (or come online)
+    within `timeout` seconds, heard with Celery's event receiver; None if none does.
+
+    Celery's receiver counts its own `timeout` as seconds without *any* event, restarted by
+    each one, and ends by raising socket.timeout: a deadline for the whole wait is kept here,
+    checked at every turn of its loop (a turn waits at most about a second). No wakeup
+    broadcast is sent: the batch consumer answers no remote control.
+    """
+    from worker.celery_app import app as celery_app
+
+    deadline = time.monotonic() + timeout
+    heard: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        hostname = event.get("hostname")
+        if not heard and isinstance(hostname, str) and fnmatch.fnmatchcase(hostname, pattern):
+            heard.append(hostname)
+            receiver.should_stop = True  # the loop ends before it waits again
+
+    def on_iteration() -> None:
+        if time.monotonic() >= deadline:
+            raise TimeoutError  # what the receiver itself raises; its consumer is closed
+
+    with celery_app.connection_for_read() as connection:
+        # Worker events only (routing keys worker.*): task events are most of the traffic.
+        receiver = celery_app.events.Receiver(
+            connection, handlers=dict.fromkeys(LIVENESS_EVENTS, on_event),
+            routing_key="worker.#")
+        # Without x-expires kombu keeps no deadline for the binding (a `_kombu.binding_deadlines`
+        # entry that would outlive the check); the auto-delete queue's binding is removed when
+        # the receiver's channel closes, so nothing is left in Redis.
+        receiver.queue.expires = None
+        receiver.connect_max_retries = 1  # the default retries forever
+        receiver.on_iteration = on_iteration
+        with suppress(TimeoutError):  # socket.timeout is TimeoutError
+            receiver.capture(timeout=timeout, wakeup=False)
+    return heard[0] if heard else None
+
+
 @app.command()
-def check(as_json: JsonOption = False) -> None:
+def check(
+    as_json: JsonOption = False,
+    consumer: Annotated[bool, typer.Option(
+        "--consumer", help="Also wait for a heartbeat from a running consumer.")] = False,
+    hostname: Annotated[str | None, typer.Option(
+        help="With --consumer: the consumer's hostname, an fnmatch pattern (default: "
+             "batch-*@ and this host's name, as the batch consumer names itself).",
+        show_default=False)] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="With --consumer: seconds to wait for the heartbeat (default: 10).", min=0.1,
+        show_default=False)] = None,
+) -> None:
     """Check the database, the schema revision and the broker, printing each.
 
-    Exit 0 when all are right, 1 when one is unreachable or the schema is not at head,
-    3 when no URL is set and no `run` serves this directory.
+    With --consumer, also wait for a worker-heartbeat (or worker-online) event
+    from a consumer whose hostname matches --hostname (the batch consumer sends
+    one every 2 s). Exit 0 when all are right, 1 when one is unreachable, the
+    schema is not at head or no heartbeat came, 3 when no URL is set and no
+    `run` serves this directory.
     """
     import redis
 
     from worker.config import broker_url, database_url
     from worker.runner import redis_warnings, schema_revisions
 
+    if not consumer and (hostname is not None or timeout is not None):
+        raise fail("--hostname and --timeout go with --consumer", 2)
+    pattern = hostname if hostname is not None else f"batch-*@{socket.gethostname()}"
+    wait = timeout if timeout is not None else 10.0
     results: dict[str, str] = {}
     code = 0
     try:
@@ -215,6 +280,7 @@ def check(as_json: JsonOption = False) -> None:
     except Exception as error:  # any failure to connect or read is the verdict, not a crash
         results["database"] = f"unreachable: {first_line(error)}"
         code = code or REJECTED
+    broker_ok = False
     try:
         url = broker_url()
         client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
@@ -224,12 +290,29 @@ def check(as_json: JsonOption = False) -> None:
             client.close()
         problems = redis_warnings(url)
         results["broker"] = "ok" + (f" (warning: {'; '.join(problems)})" if problems else "")
+        broker_ok = True
     except NoServerError as error:
         results["broker"] = str(error)
         code = CONFIG
     except Exception as error:  # as above
         results["broker"] = f"unreachable: {type(error).__name__}: {first_line(error)}"
         code = code or REJECTED
+    if consumer:
+        if not broker_ok:
+            results["consumer"] = "not checked: no broker to listen on"
+            code = code or REJECTED
+        else:
+            try:
+                heard = consumer_heard(pattern, wait)
+            except Exception as error:  # as above
+                heard = None
+                results["consumer"] = (f"cannot listen for events: {type(error).__name__}: "
+                                       f"{first_line(error)}")
+            else:
+                results["consumer"] = (f"ok ({heard})" if heard is not None
+                                       else f"no heartbeat from {pattern} in {wait:g} s")
+            if heard is None:
+                code = code or REJECTED
     if as_json:
         print(json.dumps({"healthy": code == 0, **results}))
     else:
