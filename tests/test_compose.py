@@ -17,9 +17,10 @@ from functools import cache
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil  # type: ignore[import-untyped]
 import pytest
 import redis
 import yaml  # type: ignore[import-untyped]  # pyyaml ships no types; no stubs in the lock
@@ -28,7 +29,7 @@ from alembic.script import ScriptDirectory
 from celery import Celery
 from sqlalchemy.engine import make_url
 
-from tests.conftest import ROOT, start_worker, stop_worker
+from tests.conftest import ROOT, WorkerProcess, start_worker, stop_worker
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
@@ -147,20 +148,40 @@ def test_the_migration_runs_once_on_a_healthy_postgres_before_the_worker_starts(
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert worker["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert worker["depends_on"]["redis"] == {"condition": "service_healthy"}
-    assert argv(worker["command"]) == [
-        "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "-E",
-    ]
+    assert argv(worker["command"]) == ["python", "-m", "worker", "consume"]  # the batch consumer
+
+
+def seconds(duration: str) -> float:
+    """A Compose duration such as `30s`, `1m30s` or `500ms` in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_the_worker_stops_warm_under_an_init() -> None:
+    worker = SERVICES["worker"]
+
+    # The init forwards `docker stop`'s SIGTERM to the consumer, which has every process finish
+    # and acknowledge its batch in hand, waiting at most 60 s for them, before Compose kills it.
+    assert worker["init"] is True
+    assert seconds(worker["stop_grace_period"]) >= 60
 
 
 def test_the_health_checks_ask_the_right_question() -> None:
     postgres = argv(SERVICES["postgres"]["healthcheck"]["test"])
     redis = argv(SERVICES["redis"]["healthcheck"]["test"])
-    worker = argv(resolved(SERVICES["worker"]["healthcheck"]["test"]))
+    worker_check = SERVICES["worker"]["healthcheck"]
+    worker = argv(resolved(worker_check["test"]))
 
     assert postgres[0] == "pg_isready" and "127.0.0.1" in postgres  # TCP: not the init server
     assert redis == ["redis-cli", "ping"]
-    assert worker[:5] == ["celery", "-A", "worker.celery_app", "inspect", "ping"]
-    assert worker[worker.index("-d") + 1] == "celery@$HOSTNAME"  # the default node name
+    # A heartbeat from the batch consumer of this container (the default --hostname).
+    assert worker == ["python", "-m", "worker", "check", "--consumer"]
+    # The check gives up by itself (10 s for the heartbeat) well before Docker would kill it.
+    assert seconds(worker_check["timeout"]) >= 10 + 15
+    assert (worker_check["interval"], worker_check["retries"], worker_check["start_period"]) == (
+        "30s", 3, "30s")
 
 
 # --- durability and exposure ------------------------------------------------------------------
@@ -226,7 +247,7 @@ def test_the_apps_urls_name_the_compose_services_and_credentials() -> None:
 
 def test_every_celery_command_names_this_projects_celery_app() -> None:
     celery_commands = [(where, args) for where, args in every_command() if args[0] == "celery"]
-    assert len(celery_commands) == 3  # worker, its healthcheck, flower
+    assert [where for where, _ in celery_commands] == ["flower command"]
 
     for where, args in celery_commands:
         module = import_module(args[args.index("-A") + 1])
@@ -249,15 +270,43 @@ def celery_subcommand_help(subcommand: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("subcommand", ["worker", "inspect", "flower"])
+@pytest.mark.parametrize("subcommand", ["flower"])
 def test_every_celery_subcommand_compose_uses_is_installed(subcommand: str) -> None:
     used = {args[3] for _, args in every_command() if args[0] == "celery"}
-    assert subcommand in used
+    assert used == {"flower"}
 
     done = celery_subcommand_help(subcommand)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Usage: celery {subcommand}" in done.stdout
+
+
+WORKER_CLI = ["python", "-m", "worker"]
+
+
+def worker_cli_commands() -> list[tuple[str, list[str]]]:
+    """(where, arguments after `python -m worker`) of every such command Compose runs."""
+    return [(where, args[len(WORKER_CLI):]) for where, args in every_command()
+            if args[:len(WORKER_CLI)] == WORKER_CLI]
+
+
+def test_compose_runs_the_batch_consumer_and_its_check_through_the_projects_cli() -> None:
+    assert worker_cli_commands() == [("worker command", ["consume"]),
+                                     ("worker healthcheck", ["check", "--consumer"])]
+
+
+@pytest.mark.parametrize(("where", "arguments"), worker_cli_commands())
+def test_every_worker_subcommand_compose_uses_is_installed_and_takes_its_options(
+    where: str, arguments: list[str]
+) -> None:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "BROKER_URL", "RESULT_BACKEND")}
+    # Options are parsed before the eager --help answers: an unknown one is a usage error.
+    done = subprocess.run([sys.executable, "-m", "worker", *arguments, "--help"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    assert done.returncode == 0, f"{where}: {done.stdout}{done.stderr}"
+    assert f"Usage: python -m worker {arguments[0]}" in done.stdout, where
 
 
 def test_alembic_upgrade_head_has_one_head_to_reach() -> None:
@@ -270,11 +319,14 @@ def test_the_programs_compose_runs_come_with_the_runtime_dependencies() -> None:
     # The image is built with --no-dev: a program from the dev group would be missing.
     runtime = {requirement_name(item) for item in PYPROJECT["project"]["dependencies"]}
     providers = {"celery": "celery", "alembic": "alembic", "python": None}
+    wheel_packages = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
 
     for where, args in every_command():
         assert args[0] in providers, f"{where}: {args[0]} is not a program the image has"
         if providers[args[0]] is not None:
             assert providers[args[0]] in runtime, where
+        if args[0] == "python" and args[1] == "-m":
+            assert args[2].split(".")[0] in wheel_packages, where  # the project's own module
     assert "flower" in runtime
     assert any(entry.name == "flower" for entry in entry_points(group="celery.commands"))
 
@@ -339,76 +391,132 @@ def test_the_build_context_leaves_out_environments_data_and_secrets() -> None:
         assert ignored(path), path
 
 
-# --- the worker healthcheck against a real worker ---------------------------------------------
+# --- the worker healthcheck against a real batch consumer ------------------------------------
 
 
 @dataclass(frozen=True)
 class HealthcheckTarget:
-    """A running worker named as in the container, and a way to run the compose healthcheck."""
+    """A running batch consumer and a way to run the compose healthcheck beside it."""
 
-    hostname: str
+    worker: WorkerProcess
     broker: redis.Redis
     env: dict[str, str]
 
-    def check(self, node_host: str, timeout: int = 10) -> subprocess.CompletedProcess[str]:
-        """Run the worker service's healthcheck with HOSTNAME=`node_host`."""
-        command = " ".join(argv(resolved(SERVICES["worker"]["healthcheck"]["test"])))
-        return subprocess.run(["sh", "-c", command.replace("--timeout 10", f"--timeout {timeout}")],
-                              cwd=ROOT, env={**self.env, "HOSTNAME": node_host},
-                              capture_output=True, text=True, timeout=60, check=False)
+    def check(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        """The worker service's healthcheck as Compose has it, then `extra` arguments.
+
+        `python` is this environment's, as /app/.venv/bin comes first on the image's PATH.
+        """
+        command = argv(resolved(SERVICES["worker"]["healthcheck"]["test"]))
+        return subprocess.run([*command, *extra], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    def start_check(self, *extra: str) -> subprocess.Popen[str]:
+        """The same healthcheck, started, not waited for."""
+        command = argv(resolved(SERVICES["worker"]["healthcheck"]["test"]))
+        return subprocess.Popen([*command, *extra], cwd=ROOT, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def consumer_hostnames(self) -> set[str]:
+        """The hostnames the consumer's processes send their events under."""
+        children = psutil.Process(self.worker.process.pid).children()
+        return {f"batch-{child.pid}@{socket.gethostname()}" for child in children}
 
 
 @pytest.fixture(scope="module")
 def healthcheck_target(database_url: str, broker_url: str,
                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealthcheckTarget]:
-    """A Celery worker called celery@<hostname>, on a Redis database of its own."""
-    # Database 15: nothing this worker or the healthcheck leaves in Redis reaches other tests.
+    """A batch consumer, as compose's worker runs, on a Redis database of its own."""
+    # Database 15: nothing this consumer or the healthcheck leaves in Redis reaches other tests
+    # (events too: kombu's pub/sub channels carry the database number).
     isolated = urlunsplit(urlsplit(broker_url)._replace(path="/15"))
     client = redis.Redis.from_url(isolated)
     client.flushdb()
-    hostname = socket.gethostname()
     log = tmp_path_factory.mktemp("healthcheck") / "worker.log"
-    worker = start_worker(database_url, isolated, log, "-n", f"celery@{hostname}")  # -n: last wins
+    worker = start_worker(database_url, isolated, log, kind="batch")
+    bin_dir = str(Path(sys.executable).parent)
     try:
-        yield HealthcheckTarget(hostname, client, {
-            **os.environ, "DATABASE_URL": database_url, "BROKER_URL": isolated})
+        yield HealthcheckTarget(worker, client, {
+            **os.environ, "DATABASE_URL": database_url, "BROKER_URL": isolated,
+            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])})
     finally:
         stop_worker(worker)
         client.flushdb()
 
 
-def healthy_within(
-    target: HealthcheckTarget, seconds: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """The healthcheck's result, retried as Compose does (remote control starts after consuming)."""
-    deadline = time.monotonic() + seconds
-    done = target.check(target.hostname)
-    while done.returncode != 0 and time.monotonic() < deadline:
-        time.sleep(1)
-        done = target.check(target.hostname)
-    return done
+@pytest.mark.integration
+def test_the_worker_healthcheck_passes_for_the_running_consumer_and_fails_for_another_host(
+    healthcheck_target: HealthcheckTarget,
+) -> None:
+    healthy = healthcheck_target.check()
+    missing = healthcheck_target.check("--hostname", "batch-*@no-such-host", "--timeout", "3")
+
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    heard = re.search(r"consumer: ok \((\S+)\)", healthy.stdout)
+    assert heard, healthy.stdout
+    assert heard.group(1) in healthcheck_target.consumer_hostnames(), healthy.stdout
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "consumer: no heartbeat from batch-*@no-such-host in 3 s" in missing.stdout
+
+
+Added = tuple[set[bytes], set[tuple[bytes, bytes]]]  # keys, binding members (table, member)
+
+
+@dataclass(frozen=True)
+class RedisState:
+    """Every key of a Redis database, and the members of its kombu binding tables."""
+
+    keys: frozenset[bytes]
+    bindings: frozenset[tuple[bytes, bytes]]
+
+    @classmethod
+    def of(cls, client: redis.Redis) -> RedisState:
+        keys = frozenset(cast(list[bytes], client.keys("*")))
+        bindings = frozenset(
+            (key, member) for key in keys if key.startswith(b"_kombu.binding")
+            and client.type(key) == b"set"
+            for member in cast(set[bytes], client.smembers(key)))
+        return cls(keys, bindings)
+
+    def added_to(self, before: RedisState) -> Added:
+        """The keys and binding members here that `before` did not have."""
+        return set(self.keys - before.keys), set(self.bindings - before.bindings)
+
+
+def added_since(client: redis.Redis, before: RedisState) -> Added:
+    """What is in Redis now and was not in `before`, if it stays for a second.
+
+    The running consumer takes kombu's `unacked_mutex` for a moment every few seconds: only
+    what remains in every look is left behind.
+    """
+    added = RedisState.of(client).added_to(before)
+    for _ in range(5):
+        if added == (set(), set()):
+            break
+        time.sleep(0.2)
+        now = RedisState.of(client).added_to(before)
+        added = (added[0] & now[0], added[1] & now[1])
+    return added
 
 
 @pytest.mark.integration
-def test_the_worker_healthcheck_passes_for_the_running_worker_and_fails_for_another_name(
+def test_the_worker_healthcheck_leaves_nothing_behind_in_redis(
     healthcheck_target: HealthcheckTarget,
 ) -> None:
-    healthy = healthy_within(healthcheck_target)
-    missing = healthcheck_target.check("no-such-host", timeout=2)
+    client = healthcheck_target.broker
+    before = RedisState.of(client)
+    # While a check listens, its event queue is bound (so a binding left over would show).
+    listening = healthcheck_target.start_check("--hostname", "nobody", "--timeout", "3")
+    seen: set[tuple[bytes, bytes]] = set()
+    while listening.poll() is None:
+        seen |= RedisState.of(client).bindings
+        time.sleep(0.05)
+    listening.communicate()
 
-    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert f"celery@{healthcheck_target.hostname}: OK" in healthy.stdout
-    assert "pong" in healthy.stdout
-    assert missing.returncode != 0
+    runs = [healthcheck_target.check() for _ in range(3)]
+    runs.append(healthcheck_target.check("--hostname", "batch-*@no-such-host", "--timeout", "2"))
 
-
-@pytest.mark.integration
-def test_the_worker_healthcheck_leaves_no_reply_unacknowledged_in_redis(
-    healthcheck_target: HealthcheckTarget,
-) -> None:
-    healthy = healthy_within(healthcheck_target)
-    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-
-    left = [raw for raw in healthcheck_target.broker.hvals("unacked") if b"pidbox" in raw]
-
-    assert left == []
+    assert listening.returncode == 1
+    assert any(key == b"_kombu.binding.celeryev" for key, _ in seen - before.bindings), seen
+    assert [run.returncode for run in runs] == [0, 0, 0, 1], [run.stdout for run in runs]
+    assert added_since(client, before) == (set(), set())
