@@ -30,4 +30,6 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/wor
 USER worker
 ENV PATH="/app/.venv/bin:$PATH"
 
-CMD ["celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "-E"]
+# The batch consumer, as the compose `worker` service runs it (`celery -A worker.celery_app
+# worker` is the per-message Celery worker: pass it as the command to get that one).
+CMD ["python", "-m", "worker", "consume"]
