@@ -8,12 +8,12 @@ the effects or not at all.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -288,7 +288,7 @@ def _apply_round(session: Session, commands: Sequence[Command], claim_first: boo
                 "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
                 "WHERE command_ledger.command_id = v.k"),
                 {"keys": [command.key for command in applied],
-                 "results": [json.dumps(command.result) for command in applied]})
+                 "results": [orjson.dumps(command.result).decode() for command in applied]})
     elif fresh:
         # Rejected keys too, and deleted again: one applied before must fail the batch too.
         db.defer(session, text(
@@ -298,8 +298,8 @@ def _apply_round(session: Session, commands: Sequence[Command], claim_first: boo
             "AS v(k, t, r)"),
             {"keys": [command.key for command in fresh],
              "tasks": [command.task for command in fresh],
-             "results": [json.dumps(command.result) if command.rejection is None else "{}"
-                         for command in fresh]})
+             "results": [orjson.dumps(command.result).decode()
+                         if command.rejection is None else "{}" for command in fresh]})
     if rejected:
         db.defer(session, text("DELETE FROM command_ledger "
                                "WHERE command_id = ANY(CAST(:keys AS text[]))"),

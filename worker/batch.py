@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+import orjson
 import redis
 from kombu.connection import Connection
 from sqlalchemy import exc as sa_exc
@@ -268,7 +269,7 @@ class BatchConsumer:
             else:
                 self._task_event("task-succeeded", command, result=repr(command.result),
                                  runtime=share)
-        results = [(RESULT_KEY.format(command.task_id), json.dumps(result_meta(command)))
+        results = [(RESULT_KEY.format(command.task_id), orjson.dumps(result_meta(command)))
                    for command in commands if command.task_id]
         together = self.results is self.broker
         publishes = self._collect_events() if together else []
