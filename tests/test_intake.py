@@ -162,6 +162,17 @@ def test_a_task_id_the_ledger_cannot_keep_is_invalid_without_a_command_id(
     assert "idempotency key" in letter.error
 
 
+def test_a_body_nested_too_deeply_is_undecodable_and_nothing_crashes(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    # Within the size limit, valid JSON, but deeper than any parser's stack.
+    raw = json.loads(encode("tags.create", {"data": {"name": "deep"}}))
+    raw["body"] = base64.b64encode(b"[" * 200_000 + b"]" * 200_000).decode()
+    push_then_check_alive(queue, clean_database, json.dumps(raw).encode())
+    (letter,) = wait_for(clean_database, 1)
+    assert letter.reason == "undecodable"
+
+
 def test_nothing_is_left_unacknowledged_after_the_work(
     queue: redis.Redis, clean_database: str
 ) -> None:

@@ -11,7 +11,6 @@ consumer (this one or a Celery worker) restores them after the visibility timeou
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import multiprocessing
 import os
@@ -33,7 +32,7 @@ from sqlalchemy import exc as sa_exc
 from worker import apply, db, intake, transport
 from worker.config import Settings, broker_url, get_settings, result_backend_url
 from worker.errors import Undecodable
-from worker.protocol import UndecodableMessage, decode
+from worker.protocol import UndecodableMessage, decode, loads
 from worker.security import redact
 
 logger = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def to_command(raw: bytes, deliveries: int) -> Received:
         message = decode(raw)
     except UndecodableMessage as error:
         try:
-            envelope = json.loads(raw)
+            envelope = loads(raw)
             tag = envelope["properties"]["delivery_tag"]
             headers = envelope.get("headers") or {}
         except (ValueError, KeyError, TypeError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -14,7 +13,7 @@ from worker import deadletters
 from worker.config import get_settings
 from worker.db import transaction
 from worker.errors import UnknownCommand
-from worker.protocol import UndecodableMessage, decode
+from worker.protocol import UndecodableMessage, decode, loads
 from worker.security import redact
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def _identity(message: Any) -> tuple[str | None, str | None, dict[str, Any] | No
     kwargs: dict[str, Any] | None = None
     if message.content_type == "application/json":
         try:
-            body = json.loads(message.body)
+            body = loads(message.body)
             if isinstance(body, list) and len(body) >= 2 and isinstance(body[1], dict):
                 kwargs = body[1]
         except (ValueError, TypeError):
