@@ -34,18 +34,58 @@ def statements(clean_database: str) -> Iterator[list[str]]:
     event.remove(engine, "after_cursor_execute", record)
 
 
-def test_begin_travels_with_the_first_statement_and_deferred_ones_with_the_commit(
-    clean_database: str, statements: list[str]
-) -> None:
+def insert_two_tags(first: str, second: str) -> None:
+    """One transaction: a statement sent now, then one deferred to the COMMIT."""
     with db.transaction() as session:
-        session.execute(text("INSERT INTO tags (name, version) VALUES (:n, 1)"), {"n": "a"})
-        db.defer(session, text("INSERT INTO tags (name, version) VALUES (:n, 1)"), {"n": "b"})
+        session.execute(text("INSERT INTO tags (name, version) VALUES (:n, 1)"), {"n": first})
+        db.defer(session, text("INSERT INTO tags (name, version) VALUES (:n, 1)"),
+                 {"n": second})
+
+
+@pytest.fixture
+def unprepared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DB_PREPARED_STATEMENTS=false, as behind PgBouncer's transaction pooling."""
+    monkeypatch.setattr(db.get_settings(), "db_prepared_statements", False)
+
+
+def test_begin_travels_with_the_first_statement_and_deferred_ones_with_the_commit(
+    clean_database: str, statements: list[str], unprepared: None
+) -> None:
+    insert_two_tags("a", "b")
 
     assert statements == [
         "BEGIN; INSERT INTO tags (name, version) VALUES (%(n)s, 1)",
         "INSERT INTO tags (name, version) VALUES ('b', 1); COMMIT",
     ]
     assert scalar(clean_database, "SELECT count(*) FROM tags") == 2
+
+
+def test_a_statement_is_prepared_once_per_connection_then_executed(
+    held: None, clean_database: str, statements: list[str]
+) -> None:
+    insert_two_tags("a", "b")
+    insert_two_tags("c", "d")
+
+    first, _, again, _ = statements
+    name = first.split("PREPARE ")[1].split(" ")[0]
+    assert first == (f"BEGIN; PREPARE {name} AS INSERT INTO tags (name, version) "
+                     f"VALUES ($1, 1); EXECUTE {name}(%(n)s)")
+    assert again == f"BEGIN; EXECUTE {name}(%(n)s)"
+    assert scalar(clean_database, "SELECT count(*) FROM tags") == 4
+
+
+def test_after_an_error_the_connection_prepares_afresh(held: None, clean_database: str,
+                                                     statements: list[str]) -> None:
+    insert_two_tags("a", "b")
+    # The deferred insert of an existing name fails at the COMMIT, after the PREPAREs ran.
+    with pytest.raises(DBAPIError):
+        insert_two_tags("c", "a")
+    insert_two_tags("e", "f")
+
+    assert any("DEALLOCATE ALL" in statement for statement in statements)
+    assert "PREPARE" in statements[-2]  # prepared again, on the same connection
+    assert scalar(clean_database, "SELECT string_agg(name, ',' ORDER BY name) FROM tags") == \
+        "a,b,e,f"
 
 
 def test_percent_signs_in_deferred_values_survive_both_ways_of_sending(
@@ -163,3 +203,32 @@ def test_a_held_connection_idle_for_a_while_is_pinged_before_use(
     # The ping finds it dead: the transaction itself runs on a new connection, no error.
     with db.transaction() as session:
         assert session.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+
+
+def test_a_migration_under_a_prepared_statement_is_a_fault_the_retry_gets_past(
+    held: None, clean_database: str
+) -> None:
+    from worker import apply
+
+    def delete_tag(tag_id: int) -> apply.Command:
+        done = apply.Command(task="tags.delete", task_id=f"del-{tag_id}",
+                             kwargs={"id": tag_id})
+        apply.run_batch([done])
+        return done
+
+    for name in ("a", "b"):
+        apply.run_batch([apply.Command(task="tags.create", task_id=f"make-{name}",
+                                       kwargs={"data": {"name": name}})])
+    assert delete_tag(1).result is not None  # `SELECT tags.*` prepared on the connection
+    engine = create_engine(clean_database)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE tags ADD COLUMN extra int"))
+    try:
+        with pytest.raises(DBAPIError) as changed:
+            delete_tag(2)
+        assert apply.is_transient(changed.value)
+        assert delete_tag(2).result is not None  # the retry, prepared afresh
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE tags DROP COLUMN extra"))
+        engine.dispose()

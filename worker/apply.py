@@ -52,7 +52,11 @@ Entity = Literal["user", "post", "tag"]
 # timeout, admin/crash shutdown, cannot connect now, too many connections, connection errors.
 TRANSIENT_SQLSTATES = frozenset(
     {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300",
-     "08000", "08001", "08003", "08004", "08006"}
+     "08000", "08001", "08003", "08004", "08006",
+     # A connection's prepared statements out of step with what the worker believes (gone,
+     # already there, or planned for a table a migration changed since): after the rollback
+     # they are all deallocated (worker/db.py), and the next try prepares them afresh.
+     "26000", "42P05"}
 )
 
 
@@ -358,6 +362,8 @@ def is_transient(error: BaseException) -> bool:
         sqlstate = getattr(error.orig, "pgcode", None)
         if sqlstate is None:
             return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+        if sqlstate == "0A000" and "cached plan must not change result type" in str(error.orig):
+            return True
         return sqlstate in TRANSIENT_SQLSTATES
     return False
 

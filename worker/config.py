@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout: float = Field(default=30, gt=0)
     db_pool_recycle: int = Field(default=1800, ge=-1)
+    db_prepared_statements: bool = Field(
+        default=True,
+        description="Prepare write statements once per connection (false behind PgBouncer's "
+                    "transaction pooling, which cannot keep them)",
+    )
     db_statement_timeout_ms: int = Field(default=30_000, ge=0)
     db_lock_timeout_ms: int = Field(default=10_000, ge=0)
 

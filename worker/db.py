@@ -13,7 +13,9 @@ its own BEGIN, the pool one on a ping per checkout, and the ledger's insert one 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +43,8 @@ _IDLE_SINCE = "command_connection_idle_since"
 # parent's socket by garbage-collecting them.
 _inherited: list[Connection] = []
 STATE = "command_transaction"
+PREPARED = "command_transaction_prepared"
+PREPARE_ON = "command_transaction_prepare"
 
 
 class _Pending:
@@ -91,12 +95,43 @@ def build_engine(settings: Settings | None = None, url: str | None = None) -> En
     return engine
 
 
+_PYFORMAT = re.compile(r"%\((\w+)\)s")
+
+
+def _prepared(connection: Connection, statement: str) -> tuple[str, str]:
+    """(the PREPARE to send first, or "", the EXECUTE) standing for a pyformat `statement`.
+
+    Each statement is prepared once per connection, under a name taken from its text; its
+    parameter types come from the casts it holds (every write statement casts its arrays).
+    """
+    prepared: set[str] = connection.info.setdefault(PREPARED, set())
+    names = list(dict.fromkeys(_PYFORMAT.findall(statement)))
+    name = "cw_" + hashlib.blake2b(statement.encode(), digest_size=8).hexdigest()
+    execute = f"EXECUTE {name}(" + ", ".join(f"%({each})s" for each in names) + ")"
+    if name in prepared:
+        return "", execute
+    number = {each: index for index, each in enumerate(names, start=1)}
+    body = _PYFORMAT.sub(lambda found: f"${number[found.group(1)]}", statement)
+    prepared.add(name)
+    return f"PREPARE {name} AS {body}; ", execute
+
+
 def _begin_with_first_statement(connection: Connection, cursor: Any, statement: str,
                                 parameters: Any, context: Any, executemany: bool
                                 ) -> tuple[str, Any]:
-    """In a command transaction, what is pending travels with the next statement."""
+    """In a command transaction, what is pending travels with the next statement.
+
+    With DB_PREPARED_STATEMENTS, a statement with parameters runs as a prepared one: the
+    server parses and plans it once per connection instead of at every batch.
+    """
     pending: _Pending | None = connection.info.get(STATE)
-    if pending is not None and (pending.begin or pending.deferred):
+    if pending is None:
+        return statement, parameters
+    prepare = ""
+    if (not executemany and isinstance(parameters, dict) and parameters
+            and connection.info.get(PREPARE_ON) and _PYFORMAT.search(statement)):
+        prepare, statement = _prepared(connection, statement)
+    if pending.begin or pending.deferred:
         prefix = pending.prefix()
         if executemany:
             cursor.execute(prefix)  # without parameters: sent as it is
@@ -104,8 +139,9 @@ def _begin_with_first_statement(connection: Connection, cursor: Any, statement: 
             statement = prefix + statement
         else:
             # psycopg2 interpolates the whole string: the prefix's literals keep their "%".
-            statement = prefix.replace("%", "%%") + statement
-    return statement, parameters
+            statement = prefix.replace("%", "%%") + prepare + statement
+            prepare = ""
+    return prepare + statement, parameters
 
 
 def get_engine() -> Engine:
@@ -257,6 +293,7 @@ def transaction() -> Iterator[Session]:
     connection = _command_connection()
     pending = _Pending()
     connection.info[STATE] = pending
+    connection.info[PREPARE_ON] = get_settings().db_prepared_statements
     try:
         with Session(bind=connection, expire_on_commit=False) as session, session.begin():
             yield session
@@ -267,7 +304,10 @@ def transaction() -> Iterator[Session]:
         pending.begin, pending.deferred = False, []
         if begun and not connection.invalidated:
             try:
-                _end(connection, "ROLLBACK")
+                # A failed string may have stopped before or after one of its PREPAREs:
+                # start again from none prepared.
+                forget = "; DEALLOCATE ALL" if connection.info.pop(PREPARED, None) else ""
+                _end(connection, "ROLLBACK" + forget)
             except sa_exc.SQLAlchemyError:
                 connection.invalidate()  # the next transaction checks out another
         raise
