@@ -57,7 +57,14 @@ class Monitor:
         return None
 
     def checkpoint(self) -> None:
-        """Write every dirty buffer now, so no run pays for the writes of the one before."""
+        """Clean up after the run before, so that this one does not pay for it.
+
+        VACUUM (ANALYZE) clears the dead rows and refreshes the statistics the run before
+        left (autovacuum would otherwise do it in the middle of this run's few seconds), and
+        CHECKPOINT writes every dirty buffer.
+        """
+        with contextlib.suppress(psycopg2.Error), self.connection.cursor() as cursor:
+            cursor.execute("VACUUM (ANALYZE)")  # alone: VACUUM refuses a multi-statement string
         with contextlib.suppress(psycopg2.Error):  # needs superuser or pg_checkpoint
             self.rows("CHECKPOINT; SELECT 1")
 
