@@ -167,8 +167,7 @@ def session_factory() -> sessionmaker[Session]:
 
 def reset_engine() -> None:
     """Forget this process's engine (closing its connections); the next use builds a new one."""
-    global _engine, _engine_pid, _session_factory
-    global _held
+    global _engine, _engine_pid, _session_factory, _held
     with _lock:
         if _held is not None and _held[0] == os.getpid():
             _close_quietly(_held[1])
