@@ -60,7 +60,7 @@ class Sizes:
 
 
 FULL = Sizes(commands=40_000, baseline_commands=4_000, users_create_seconds=15,
-             latency_seconds=15, soak=100_000, ceiling_seconds=5, hash_seconds=2,
+             latency_seconds=15, soak=100_000, ceiling_seconds=5, hash_seconds=3,
              stall_seconds=60)
 QUICK = Sizes(commands=400, baseline_commands=200, users_create_seconds=2,
               latency_seconds=2, soak=2_000, ceiling_seconds=1, hash_seconds=0.5,

@@ -103,12 +103,20 @@ def redis_pid(url: str) -> int | None:
 
 
 # The throwaway PostgreSQL: durable as configured by default (fsync, synchronous_commit, full
-# page writes), plus commit timestamps, which give each command's latency up to its commit
-# (measure.py). A new cluster has no WAL segment to recycle: it creates every one, and
-# zero-filling a new 16 MB segment holds up every commit meanwhile (30-80 ms here, several
-# times a phase), which a long-running server that recycles its segments seldom does. New
-# segments are therefore only extended, not zero-filled (wal_init_zero=off).
-SETTINGS = {"track_commit_timestamp": "on", "wal_init_zero": "off"}
+# page writes), plus:
+# - commit timestamps, which give each command's latency up to its commit (measure.py);
+# - wal_init_zero=off: a new cluster has no WAL segment to recycle, so it creates every one,
+#   and zero-filling a new 16 MB segment holds up every commit meanwhile (30-80 ms here,
+#   several times a phase), which a long-running server that recycles its segments seldom
+#   does; new segments are only extended;
+# - min_wal_size=2GB (max_wal_size=4GB): the segments earlier runs filled are kept for reuse,
+#   as a busy long-running server's are, instead of new ones being created mid-run;
+# - autovacuum=off: a run lasts seconds, and an autovacuum of the tables the runs before
+#   filled (seen landing mid-run: 80 ms stalls in the latency phase) would make a run's
+#   figures depend on where the autovacuum cycle falls. Every run starts after an explicit
+#   VACUUM (ANALYZE) and CHECKPOINT instead (measure.Monitor.checkpoint), unmeasured.
+SETTINGS = {"track_commit_timestamp": "on", "wal_init_zero": "off", "min_wal_size": "2GB",
+            "max_wal_size": "4GB", "autovacuum": "off"}
 
 
 @contextmanager

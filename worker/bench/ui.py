@@ -116,6 +116,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
             f"p={hashing['parallelism']}), {hashing['per_core_per_s']:.1f}/core with "
             f"{hashing['processes']} hashing at once", _num(hashing.get("ceiling_per_s"), 1),
             _num(result.get("users_create_ratio_vs_hash_ceiling"), 2, "x"))
+    if "alone_per_s" in hashing:
         ceilings.add_row(
             f"argon2id hashes, one core alone ({hashing['alone_per_s']:.1f}/s) x "
             f"{hashing['processes']}", _num(hashing.get("alone_x_processes_per_s"), 1),
