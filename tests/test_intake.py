@@ -184,3 +184,41 @@ def test_nothing_is_left_unacknowledged_after_the_work(
     assert queue.llen("commands") == 0
     assert queue.llen("commands.quarantine") == 0
     assert queue.hlen(deliveries_key("commands")) == 0
+
+
+def test_consumers_draining_a_quarantine_at_once_record_each_item_once(
+    broker_url: str,
+) -> None:
+    # Two consumers that quarantined items at the same moment both drain: each item must be
+    # recorded once, not once by each (a slow record is when they would overlap).
+    import threading
+
+    from worker import transport
+
+    client = redis.Redis.from_url(broker_url)
+    queue_name = f"drain-{uuid.uuid4().hex[:8]}"
+    key = transport.quarantine_key(queue_name)
+    items = [f"garbage-{index}".encode() for index in range(5)]
+    client.lpush(key, *items)
+    recorded: list[bytes] = []
+
+    def record(queue_name: str, raw: bytes) -> None:
+        recorded.append(raw)
+        time.sleep(0.05)
+
+    transport.set_quarantine_handler(record)
+    try:
+        drainers = [threading.Thread(target=transport.drain_quarantine,
+                                     args=(redis.Redis.from_url(broker_url), queue_name))
+                    for _ in range(3)]
+        for drainer in drainers:
+            drainer.start()
+        for drainer in drainers:
+            drainer.join(10)
+        # A drainer that found the lock taken left the rest to the holder; a later sweep (or
+        # this call) finds nothing left.
+        transport.drain_quarantine(client, queue_name)
+    finally:
+        transport.set_quarantine_handler(None)
+    assert sorted(recorded) == sorted(items)
+    assert client.llen(key) == 0

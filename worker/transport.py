@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import loads
 
@@ -98,24 +99,40 @@ def deliveries_key(queue: str) -> str:
     return f"{queue}.deliveries"
 
 
+# How long a drainer holds a quarantine's lock at most (it records a few rows meanwhile).
+QUARANTINE_LOCK_SECONDS = 60
+
+
 def quarantine_key(queue: str) -> str:
     """The list holding `queue` items that are not messages, until they are dead letters."""
     return f"{queue}.quarantine"
 
 
 def drain_quarantine(client: Any, queue: str) -> int:
-    """Hand each quarantined item of `queue` to the handler, removing it only afterwards."""
+    """Hand each quarantined item of `queue` to the handler, removing it only afterwards.
+
+    One consumer drains a queue's quarantine at a time (a lock, which expires should its
+    holder die): two draining at once could both record the item the other is recording.
+    One that finds the lock taken leaves the items to the holder, or to a later sweep.
+    """
     if _quarantine_handler is None:
         return 0
     drained = 0
     key = quarantine_key(queue)
-    while True:
-        raw = client.lindex(key, -1)
-        if raw is None:
-            return drained
-        _quarantine_handler(queue, raw)
-        client.lrem(key, -1, raw)
-        drained += 1
+    lock = client.lock(f"{key}.lock", timeout=QUARANTINE_LOCK_SECONDS, blocking=False)
+    if not lock.acquire():
+        return 0
+    try:
+        while True:
+            raw = client.lindex(key, -1)
+            if raw is None:
+                return drained
+            _quarantine_handler(queue, raw)
+            client.lrem(key, -1, raw)
+            drained += 1
+    finally:
+        with suppress(redis.exceptions.LockError):
+            lock.release()
 
 
 class QoS(kombu_redis.QoS):
