@@ -68,6 +68,7 @@ class Options:
     log_dir: Path | None
     progress: bool
     skip_baseline: bool
+    redis_aof: bool = False
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -98,6 +99,10 @@ def parse(argv: list[str] | None) -> Options:
                                                "throwaway server.")
     parser.add_argument("--broker-url", help="A Redis to use; default: a throwaway server.")
     parser.add_argument("--data-dir", type=Path, help="Where throwaway servers keep data.")
+    parser.add_argument("--redis-aof", action="store_true",
+                        help="Give the throwaway Redis an append-only file (appendfsync "
+                             "everysec, as `run` has); default: no persistence, as this "
+                             "machine's Redis (see worker/bench/stack.py).")
     parser.add_argument("--log-dir", type=Path,
                         help="Keep the consumers' logs here (default: a temporary directory, "
                              "kept only when a phase fails).")
@@ -114,7 +119,8 @@ def parse(argv: list[str] | None) -> Options:
                    concurrency=max(1, args.concurrency), worker_command=args.worker_command,
                    database_url=args.database_url, broker_url=args.broker_url,
                    data_dir=args.data_dir, log_dir=args.log_dir,
-                   progress=not args.no_progress, skip_baseline=args.skip_baseline)
+                   progress=not args.no_progress, skip_baseline=args.skip_baseline,
+                   redis_aof=args.redis_aof)
 
 
 @dataclass
@@ -503,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         with Ui(options.progress) as ui, \
-                open_stack(options.database_url, options.broker_url, options.data_dir) as stack:
+                open_stack(options.database_url, options.broker_url, options.data_dir,
+                           redis_aof=options.redis_aof) as stack:
             result = Benchmark(options, stack, ui, log_dir).run()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

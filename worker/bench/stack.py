@@ -119,10 +119,18 @@ SETTINGS = {"track_commit_timestamp": "on", "wal_init_zero": "off", "min_wal_siz
             "max_wal_size": "4GB", "autovacuum": "off"}
 
 
+# The throwaway Redis keeps nothing on disk by default, as this machine's Redis (and CI's):
+# with an append-only file on the disk PostgreSQL's WAL is on, Redis's once-a-second fsync of
+# what it appended (some 4 KB a command: the message, its unacknowledged copy, the result;
+# 8 MB a second at 2,000 commands a second) holds up every PostgreSQL commit for 40-55 ms
+# here, once a second: a figure of the disk both share, not of either consumer (each does
+# the same Redis work either way). `--redis-aof` measures with it.
+
+
 @contextmanager
 def open_stack(server_url: str | None, broker_url: str | None,
-               data_dir: Path | None = None) -> Iterator[Stack]:
-    """The given servers, or throwaway ones (Redis with an append-only file, as `run` has)."""
+               data_dir: Path | None = None, redis_aof: bool = False) -> Iterator[Stack]:
+    """The given servers, or throwaway ones (Redis with an append-only file if `redis_aof`)."""
     with ExitStack() as exits:
         throwaway = not (server_url and broker_url)
         base = data_dir
@@ -138,7 +146,7 @@ def open_stack(server_url: str | None, broker_url: str | None,
             from worker.servers import EmbeddedRedis
 
             assert base is not None
-            redis_server = exits.enter_context(EmbeddedRedis(base / "redis", appendonly=True))
+            redis_server = exits.enter_context(EmbeddedRedis(base / "redis", appendonly=redis_aof))
             broker_url = redis_server.url
         stack = Stack(sync_url(server_url), broker_url, postmaster_pid(server_url),
                       redis_pid(broker_url), throwaway)
