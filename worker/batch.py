@@ -10,6 +10,7 @@ consumer (this one or a Celery worker) restores them after the visibility timeou
 
 from __future__ import annotations
 
+import base64
 import gc
 import logging
 import multiprocessing
@@ -18,6 +19,7 @@ import random
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +28,7 @@ from typing import Any
 
 import orjson
 import redis
+from celery.utils.time import utcoffset
 from kombu.connection import Connection
 from sqlalchemy import exc as sa_exc
 
@@ -93,6 +96,45 @@ def to_command(raw: bytes, deliveries: int) -> Received:
         deliveries=deliveries, raw=raw))
 
 
+class TaskEvents:
+    """A batch's Celery task events, sent as Celery's dispatcher sends buffered ones.
+
+    That is one `task.multi` message holding every event of the batch, on the events
+    exchange. The dispatcher builds each event and then the message through kombu (some
+    30 µs a command here, a fifth of this process's work on a command); here each event is a
+    dict and the message is the one kombu made for the dispatcher's first, with this batch's
+    events as its body and a delivery tag of its own.
+    """
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+        with transport.collecting_publishes(dispatcher.producer) as publishes:
+            dispatcher.publish("task-multi", {}, dispatcher.producer)
+        ((self.channel, payload),) = publishes
+        self.template = orjson.loads(payload)
+        if self.template["properties"].get("body_encoding") != "base64":
+            raise ValueError("kombu no longer base64-encodes event bodies on Redis")
+        self.pid = os.getpid()
+        self.pending: list[dict[str, Any]] = []
+
+    def add(self, kind: str, task_id: str, **fields: Any) -> None:
+        """One task event, as the dispatcher's `send(kind, uuid=task_id, **fields)` makes it."""
+        self.pending.append({"hostname": self.dispatcher.hostname, "utcoffset": utcoffset(),
+                             "pid": self.pid, "clock": self.dispatcher.clock.forward(),
+                             "uuid": task_id, **fields, "timestamp": time.time(),
+                             "type": kind})
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """The pending events as (channel, message) pairs to PUBLISH (none or one), forgotten."""
+        if not self.pending:
+            return []
+        body = base64.b64encode(orjson.dumps(self.pending)).decode()
+        self.pending = []
+        properties = {**self.template["properties"], "delivery_tag": str(uuid.uuid4())}
+        return [(self.channel, orjson.dumps({**self.template, "body": body,
+                                             "properties": properties}))]
+
+
 class BatchConsumer:
     """One consuming process: fetch a batch, apply it, store outcomes, acknowledge."""
 
@@ -117,13 +159,16 @@ class BatchConsumer:
             broker_url(settings), transport="worker.transport:Transport",
             transport_options={"visibility_timeout": settings.broker_visibility_timeout})
         self.events = None
+        self.task_events: TaskEvents | None = None
         if events:
             from worker.celery_app import app
 
             self.events = app.events.Dispatcher(
-                connection=self.kombu, hostname=self.hostname, groups=["task", "worker"],
-                buffer_group=["task"], buffer_limit=10 * batch_size + 10)
+                connection=self.kombu, hostname=self.hostname, groups=["task", "worker"])
+            self.task_events = TaskEvents(self.events)
         self.stopping = False
+        # What the last finish took along for the next batch (`_finish`): (items, quarantined).
+        self._taken: tuple[list[tuple[bytes, int]], int] | None = None
         self.processed = 0
         self._restored_at = 0.0
         self._heartbeat_at = 0.0
@@ -131,10 +176,10 @@ class BatchConsumer:
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        """Consume until `stop()`; the batch in hand is always finished first."""
+        """Consume until `stop()`; the batch in hand (or taken along) is always finished first."""
         transport.set_quarantine_handler(intake.record_queue_item)
         self._event("worker-online")
-        while not self.stopping:
+        while not self.stopping or self._taken is not None:
             try:
                 self._housekeeping()
                 taken = self.fetch(timeout=1)
@@ -150,9 +195,17 @@ class BatchConsumer:
         self.stopping = True
 
     def fetch(self, timeout: int) -> list[Received]:
-        """Up to `batch_size` messages, atomically moved into the unacked set."""
-        items, quarantined = self._take()
-        if not items and not quarantined:
+        """Up to `batch_size` messages, atomically moved into the unacked set.
+
+        The ones the last batch's finish took along come first; stopping, nothing more.
+        """
+        if self._taken is not None:
+            (items, quarantined), self._taken = self._taken, None
+        elif self.stopping:
+            return []
+        else:
+            items, quarantined = self._take()
+        if not items and not quarantined and not self.stopping:
             # Nothing waiting: block until something is (BLMOVE q q removes nothing).
             if self.broker.blmove(self.queue, self.queue, timeout, "RIGHT", "RIGHT") is None:
                 return []
@@ -165,10 +218,10 @@ class BatchConsumer:
         return [to_command(raw, deliveries) for raw, deliveries in items]
 
     def _take(self) -> tuple[list[tuple[bytes, int]], int]:
-        taken = self.take_script(keys=self.keys,
-                                 args=[time.time(), self.settings.max_payload_bytes,
-                                       self.batch_size, self.peers])
-        return transport.parse_taken(taken)
+        return transport.parse_taken(self.take_script(keys=self.keys, args=self._take_args()))
+
+    def _take_args(self) -> list[Any]:
+        return [time.time(), self.settings.max_payload_bytes, self.batch_size, self.peers]
 
     def handle(self, received: Sequence[Received]) -> None:
         """Apply a batch, store its outcomes and events, then acknowledge it.
@@ -184,10 +237,10 @@ class BatchConsumer:
                                            or not apply.needs_hash(received[end].command)):
                 hashes += apply.needs_hash(received[end].command)
                 end += 1
-            self._handle_transaction(received[start:end])
+            self._handle_transaction(received[start:end], last=end == len(received))
             start = end
 
-    def _handle_transaction(self, received: Sequence[Received]) -> None:
+    def _handle_transaction(self, received: Sequence[Received], last: bool = True) -> None:
         """Apply commands as one transaction, store their outcomes and events, acknowledge."""
         for item in received:
             self._task_event("task-received", item.command, name=item.command.task,
@@ -216,7 +269,8 @@ class BatchConsumer:
         tags = [item.delivery_tag for item in done if item.delivery_tag]
         # With results on the broker's Redis, outcomes and acknowledgment go in one script call.
         together = self.results is self.broker
-        self._store_outcomes([item.command for item in done], runtime, tags if together else [])
+        self._store_outcomes([item.command for item in done], runtime, tags if together else [],
+                             take_next=last)
         if not together:
             self._ack(tags)
         self.processed += len(done)
@@ -254,11 +308,12 @@ class BatchConsumer:
                 time.sleep(self.settings.retry_backoff_max)
 
     def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float,
-                        ack_tags: Sequence[str] = ()) -> None:
+                        ack_tags: Sequence[str] = (), take_next: bool = False) -> None:
         """Store each outcome (and publish it), acknowledge `ack_tags`, send the task events.
 
         With results on the broker's Redis, that is one FINISH_SCRIPT call, atomic: the
-        messages are acknowledged exactly when their outcomes are stored.
+        messages are acknowledged exactly when their outcomes are stored; with `take_next`,
+        the next batch is taken in the same round trip.
         """
         share = runtime / max(1, len(commands))
         for command in commands:
@@ -271,10 +326,13 @@ class BatchConsumer:
         results = [(RESULT_KEY.format(command.task_id), orjson.dumps(result_meta(command)))
                    for command in commands if command.task_id]
         together = self.results is self.broker
-        publishes = self._collect_events() if together else []
+        publishes = self.task_events.take() if self.task_events is not None else []
         keys, args = transport.finish_arguments(self.queue, results,
                                                 self.settings.result_expires, list(ack_tags),
-                                                publishes)
+                                                publishes if together else [])
+        if (together and take_next and not self.stopping and self._taken is None
+                and self._finish_and_take(keys, args)):
+            return
         while True:
             try:
                 self.finish_script(keys=keys, args=args, client=self.results)
@@ -286,20 +344,30 @@ class BatchConsumer:
                     return
                 logger.warning("result backend unreachable; retrying")
                 time.sleep(1)
-        if not together and self.events is not None:
-            self.events.flush()  # the results are on another Redis: events go on their own
+        if not together:  # the results are on another Redis: events go on their own
+            for channel, message in publishes:
+                try:
+                    self.broker.publish(channel, message)
+                except redis.RedisError:
+                    logger.debug("could not send the task events", exc_info=True)
 
-    def _collect_events(self) -> list[tuple[str, bytes | str]]:
-        """The buffered task events as (channel, message) pairs, not yet sent (best effort)."""
-        if self.events is None:
-            return []
+    def _finish_and_take(self, keys: list[str], args: list[Any]) -> bool:
+        """FINISH_SCRIPT, and TAKE_SCRIPT for the next batch, in one round trip.
+
+        True when the finish ran (what the take got is kept for `fetch`); False when it must
+        be sent again (the connection failed: a take that ran meanwhile leaves its messages
+        unacknowledged, restored after the visibility timeout).
+        """
+        pipe = self.broker.pipeline(transaction=False)
+        pipe.evalsha(self.finish_script.sha, len(keys), *keys, *args)
+        pipe.evalsha(self.take_script.sha, len(self.keys), *self.keys, *self._take_args())
         try:
-            with transport.collecting_publishes(self.events.producer) as publishes:
-                self.events.flush()
-            return list(publishes)
-        except Exception:
-            logger.debug("could not collect the task events", exc_info=True)
-            return []
+            finished, taken = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        if not isinstance(taken, Exception):
+            self._taken = transport.parse_taken(taken)
+        return not isinstance(finished, Exception)  # NOSCRIPT (a restarted Redis): again
 
     def _ack(self, tags: Sequence[str]) -> None:
         if not tags:
@@ -333,6 +401,12 @@ class BatchConsumer:
             except Exception:
                 logger.warning("could not look for unacknowledged messages", exc_info=True)
                 self.kombu.collect()
+            try:
+                # Items another consumer quarantined but could not record (or left to us).
+                if self.broker.llen(transport.quarantine_key(self.queue)):
+                    transport.drain_quarantine(self.broker, self.queue)
+            except Exception:
+                logger.warning("could not record a quarantined message yet", exc_info=True)
         if now - self._heartbeat_at >= 2:
             self._heartbeat_at = now
             self._event("worker-heartbeat", freq=2.0, active=0, processed=self.processed)
@@ -349,11 +423,8 @@ class BatchConsumer:
             logger.debug("could not send %s", kind, exc_info=True)
 
     def _task_event(self, kind: str, command: apply.Command, **fields: Any) -> None:
-        if self.events is not None and command.task_id:
-            try:
-                self.events.send(kind, uuid=command.task_id, **fields)
-            except Exception:
-                logger.debug("could not send %s", kind, exc_info=True)
+        if self.task_events is not None and command.task_id:
+            self.task_events.add(kind, command.task_id, **fields)
 
 
 def _consume_forever(batch_size: int, events: bool, peers: int) -> None:

@@ -278,9 +278,14 @@ def defer(session: Session, statement: Any, parameters: dict[str, Any]) -> None:
         session.execute(statement, parameters)
         return
     compiled = statement.compile(dialect=connection.dialect)
+    sql, prepare = str(compiled), ""
+    if connection.info.get(PREPARE_ON) and parameters and _PYFORMAT.search(sql):
+        # As a prepared statement too: planned once per connection, not at every batch.
+        prepare, sql = _prepared(connection, sql)
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        rendered = cursor.mogrify(str(compiled), compiled.construct_params(parameters))
+        # The PREPARE too: psycopg2 turns its "%%" into "%" as in the EXECUTE.
+        rendered = cursor.mogrify(prepare + sql, compiled.construct_params(parameters))
     finally:
         cursor.close()
     pending.deferred.append(rendered.decode() if isinstance(rendered, bytes) else rendered)
