@@ -258,6 +258,18 @@ def _runs(commands: Sequence[Command]) -> list[list[Command]]:
     return runs
 
 
+# The ledger statements that travel with the next statement or the COMMIT (`db.defer`).
+_LEDGER_RESULTS = text(
+    "UPDATE command_ledger SET result = CAST(v.r AS jsonb), applied_at = clock_timestamp() "
+    "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
+    "WHERE command_ledger.command_id = v.k")
+_LEDGER_INSERT = text(
+    "INSERT INTO command_ledger (command_id, task, result, applied_at) "
+    "SELECT k, t, CAST(r AS jsonb), clock_timestamp() FROM unnest("
+    "CAST(:keys AS text[]), CAST(:tasks AS text[]), CAST(:results AS text[])) AS v(k, t, r)")
+_LEDGER_FORGET = text("DELETE FROM command_ledger WHERE command_id = ANY(CAST(:keys AS text[]))")
+
+
 def _apply_round(session: Session, commands: Sequence[Command], claim_first: bool) -> None:
     """Apply commands whose keys are distinct, in order, within the caller's transaction.
 
@@ -286,28 +298,18 @@ def _apply_round(session: Session, commands: Sequence[Command], claim_first: boo
     # Nobody reads what these return: they travel with the next statement or the COMMIT.
     if claim_first:
         if applied:
-            db.defer(session, text(
-                "UPDATE command_ledger SET result = CAST(v.r AS jsonb), "
-                "applied_at = clock_timestamp() "
-                "FROM unnest(CAST(:keys AS text[]), CAST(:results AS text[])) AS v(k, r) "
-                "WHERE command_ledger.command_id = v.k"),
-                {"keys": [command.key for command in applied],
-                 "results": [orjson.dumps(command.result).decode() for command in applied]})
+            db.defer(session, _LEDGER_RESULTS, {
+                "keys": [command.key for command in applied],
+                "results": [orjson.dumps(command.result).decode() for command in applied]})
     elif fresh:
         # Rejected keys too, and deleted again: one applied before must fail the batch too.
-        db.defer(session, text(
-            "INSERT INTO command_ledger (command_id, task, result, applied_at) "
-            "SELECT k, t, CAST(r AS jsonb), clock_timestamp() FROM unnest("
-            "CAST(:keys AS text[]), CAST(:tasks AS text[]), CAST(:results AS text[])) "
-            "AS v(k, t, r)"),
-            {"keys": [command.key for command in fresh],
-             "tasks": [command.task for command in fresh],
-             "results": [orjson.dumps(command.result).decode()
-                         if command.rejection is None else "{}" for command in fresh]})
+        db.defer(session, _LEDGER_INSERT, {
+            "keys": [command.key for command in fresh],
+            "tasks": [command.task for command in fresh],
+            "results": [orjson.dumps(command.result).decode()
+                        if command.rejection is None else "{}" for command in fresh]})
     if rejected:
-        db.defer(session, text("DELETE FROM command_ledger "
-                               "WHERE command_id = ANY(CAST(:keys AS text[]))"),
-                 {"keys": rejected})
+        db.defer(session, _LEDGER_FORGET, {"keys": rejected})
     for command in commands:
         if command.rejection is not None:
             record_dead_letter(session, command)

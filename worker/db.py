@@ -13,6 +13,7 @@ its own BEGIN, the pool one on a ping per checkout, and the ledger's insert one 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -98,6 +99,17 @@ def build_engine(settings: Settings | None = None, url: str | None = None) -> En
 _PYFORMAT = re.compile(r"%\((\w+)\)s")
 
 
+@functools.lru_cache(maxsize=256)
+def _prepared_forms(statement: str) -> tuple[str, str, str]:
+    """(name, PREPARE body, EXECUTE) of a pyformat `statement`, worked out once per text."""
+    names = list(dict.fromkeys(_PYFORMAT.findall(statement)))
+    name = "cw_" + hashlib.blake2b(statement.encode(), digest_size=8).hexdigest()
+    execute = f"EXECUTE {name}(" + ", ".join(f"%({each})s" for each in names) + ")"
+    number = {each: index for index, each in enumerate(names, start=1)}
+    body = _PYFORMAT.sub(lambda found: f"${number[found.group(1)]}", statement)
+    return name, body, execute
+
+
 def _prepared(connection: Connection, statement: str) -> tuple[str, str]:
     """(the PREPARE to send first, or "", the EXECUTE) standing for a pyformat `statement`.
 
@@ -105,13 +117,9 @@ def _prepared(connection: Connection, statement: str) -> tuple[str, str]:
     parameter types come from the casts it holds (every write statement casts its arrays).
     """
     prepared: set[str] = connection.info.setdefault(PREPARED, set())
-    names = list(dict.fromkeys(_PYFORMAT.findall(statement)))
-    name = "cw_" + hashlib.blake2b(statement.encode(), digest_size=8).hexdigest()
-    execute = f"EXECUTE {name}(" + ", ".join(f"%({each})s" for each in names) + ")"
+    name, body, execute = _prepared_forms(statement)
     if name in prepared:
         return "", execute
-    number = {each: index for index, each in enumerate(names, start=1)}
-    body = _PYFORMAT.sub(lambda found: f"${number[found.group(1)]}", statement)
     prepared.add(name)
     return f"PREPARE {name} AS {body}; ", execute
 
@@ -266,6 +274,20 @@ def _end(connection: Connection, statement: str) -> None:
     connection.commit()  # ends the autobegun SQLAlchemy-level transaction (nothing is sent)
 
 
+_COMPILED: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+
+
+def _compiled(statement: Any, dialect: Any) -> Any:
+    """`statement` compiled for `dialect`, kept for the next time the same object comes."""
+    key = (id(statement), id(dialect))
+    found = _COMPILED.get(key)
+    if found is None or found[0] is not statement or found[1] is not dialect:
+        if len(_COMPILED) >= 64:  # statements built per call: keep the cache small
+            _COMPILED.clear()
+        found = _COMPILED[key] = (statement, dialect, statement.compile(dialect=dialect))
+    return found[2]
+
+
 def defer(session: Session, statement: Any, parameters: dict[str, Any]) -> None:
     """Run `statement` later in this transaction, ahead of its next statement or its COMMIT.
 
@@ -277,7 +299,7 @@ def defer(session: Session, statement: Any, parameters: dict[str, Any]) -> None:
     if pending is None:
         session.execute(statement, parameters)
         return
-    compiled = statement.compile(dialect=connection.dialect)
+    compiled = _compiled(statement, connection.dialect)
     sql, prepare = str(compiled), ""
     if connection.info.get(PREPARE_ON) and parameters and _PYFORMAT.search(sql):
         # As a prepared statement too: planned once per connection, not at every batch.
