@@ -362,7 +362,7 @@ def create_posts(session: Session, items: Sequence[PostCreate]) -> list[Outcome]
     tag_lists = [list(dict.fromkeys(item.tags)) for item in items]
     links = [(ordinal, name) for ordinal, names in enumerate(tag_lists, start=1)
              for name in names]
-    rows = {row.o - 1: row for row in session.execute(_CREATE_POSTS, {
+    rows = {row.o - 1: row for row in session.connection().execute(_CREATE_POSTS, {
         "titles": [item.title for item in items],
         "contents": [item.content for item in items],
         "authors": [item.author_id for item in items],
