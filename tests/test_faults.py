@@ -347,3 +347,29 @@ def test_an_update_before_its_create_is_not_found_and_nothing_else_is_lost(
     assert scalar(stack.database_url,
                   "SELECT reason FROM dead_letters WHERE command_id = 'early'") == "not_found"
     consumer.stop()
+
+
+@pytest.mark.parametrize("kind", ["batch", "celery"])
+def test_the_restore_mutex_a_killed_consumer_would_leave_expires_soon(
+    stack: Servers, kind: str
+) -> None:
+    # A consumer killed in the middle of kombu's sweep for dead consumers' messages leaves
+    # the sweep's mutex held until it expires: kombu's default, 300 s, held every restore
+    # back that long (seen: a SIGKILLed Celery worker's 2 messages not back in 120 s).
+    consumer = Consumer(stack, kind)
+    client = redis.Redis.from_url(stack.broker_url, socket_timeout=90)
+    expiry: float | None = None
+    try:
+        with client.monitor() as monitor:
+            deadline = time.monotonic() + 60
+            for entry in monitor.listen():
+                words = entry["command"].split()
+                if len(words) >= 3 and words[0].upper() == "SET" and words[1] == "unacked_mutex":
+                    # kombu's Mutex is a redis-py lock: SET key token NX PX <ms>.
+                    upper = [word.upper() for word in words]
+                    expiry = int(words[upper.index("PX") + 1]) / 1000
+                    break
+                assert time.monotonic() < deadline, "no restore sweep seen"
+    finally:
+        consumer.stop()
+    assert expiry is not None and expiry <= 10  # BROKER_VISIBILITY_TIMEOUT=6: the floor, 10 s

@@ -157,7 +157,10 @@ class BatchConsumer:
         self.hostname = f"batch-{os.getpid()}@{socket.gethostname()}"
         self.kombu = Connection(
             broker_url(settings), transport="worker.transport:Transport",
-            transport_options={"visibility_timeout": settings.broker_visibility_timeout})
+            transport_options={
+                "visibility_timeout": settings.broker_visibility_timeout,
+                "unacked_mutex_expire": transport.unacked_mutex_expire(
+                    settings.broker_visibility_timeout)})
         self.events = None
         self.task_events: TaskEvents | None = None
         if events:

@@ -13,7 +13,7 @@ from kombu.entity import Queue
 from worker import db
 from worker.config import NoServerError, Settings, broker_url, get_settings, result_backend_url
 from worker.security import redact
-from worker.transport import transport_for
+from worker.transport import transport_for, unacked_mutex_expire
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def configure(app: Celery, settings: Settings) -> None:
             # Look for the messages of dead workers often, not every 100 s.
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": unacked_mutex_expire(settings.broker_visibility_timeout),
             "socket_timeout": 10,
             "socket_connect_timeout": 10,
             "socket_keepalive": True,

@@ -99,6 +99,16 @@ def deliveries_key(queue: str) -> str:
     return f"{queue}.deliveries"
 
 
+def unacked_mutex_expire(visibility_timeout: int) -> int:
+    """How long kombu's restore sweep may hold its mutex (kombu's default: 300 s).
+
+    A consumer killed mid-sweep leaves the mutex held until it expires, and no one restores
+    the messages of dead consumers meanwhile: with a short visibility timeout (and a sweep a
+    second) that is most of a kill's cost. A sweep takes well under a second.
+    """
+    return max(10, min(300, visibility_timeout))
+
+
 # How long a drainer holds a quarantine's lock at most (it records a few rows meanwhile).
 QUARANTINE_LOCK_SECONDS = 60
 
