@@ -170,7 +170,8 @@ class BatchConsumer:
                 connection=self.kombu, hostname=self.hostname, groups=["task", "worker"])
             self.task_events = TaskEvents(self.events)
         self.stopping = False
-        # What the last finish took along for the next batch (`_finish`): (items, quarantined).
+        # What the last finish took along for the next batch (`_finish_and_take`):
+        # (items, quarantined).
         self._taken: tuple[list[tuple[bytes, int]], int] | None = None
         self.processed = 0
         self._restored_at = 0.0
@@ -214,10 +215,7 @@ class BatchConsumer:
                 return []
             items, quarantined = self._take()
         if quarantined:
-            try:
-                transport.drain_quarantine(self.broker, self.queue)
-            except Exception:
-                logger.warning("could not record a quarantined message yet", exc_info=True)
+            transport.drain_quarantine_quietly(self.broker, self.queue)
         return [to_command(raw, deliveries) for raw, deliveries in items]
 
     def _take(self) -> tuple[list[tuple[bytes, int]], int]:
@@ -404,12 +402,8 @@ class BatchConsumer:
             except Exception:
                 logger.warning("could not look for unacknowledged messages", exc_info=True)
                 self.kombu.collect()
-            try:
-                # Items another consumer quarantined but could not record (or left to us).
-                if self.broker.llen(transport.quarantine_key(self.queue)):
-                    transport.drain_quarantine(self.broker, self.queue)
-            except Exception:
-                logger.warning("could not record a quarantined message yet", exc_info=True)
+            # Items another consumer quarantined but could not record (or left to us).
+            transport.drain_quarantine_quietly(self.broker, self.queue)
         if now - self._heartbeat_at >= 2:
             self._heartbeat_at = now
             self._event("worker-heartbeat", freq=2.0, active=0, processed=self.processed)

@@ -110,6 +110,12 @@ def _prepared_forms(statement: str) -> tuple[str, str, str]:
     return name, body, execute
 
 
+def _preparing(connection: Connection, statement: str, parameters: Any) -> bool:
+    """Whether `statement` runs as a prepared one: DB_PREPARED_STATEMENTS, and parameters."""
+    return bool(connection.info.get(PREPARE_ON) and isinstance(parameters, dict) and parameters
+                and _PYFORMAT.search(statement))
+
+
 def _prepared(connection: Connection, statement: str) -> tuple[str, str]:
     """(the PREPARE to send first, or "", the EXECUTE) standing for a pyformat `statement`.
 
@@ -136,8 +142,7 @@ def _begin_with_first_statement(connection: Connection, cursor: Any, statement: 
     if pending is None:
         return statement, parameters
     prepare = ""
-    if (not executemany and isinstance(parameters, dict) and parameters
-            and connection.info.get(PREPARE_ON) and _PYFORMAT.search(statement)):
+    if not executemany and _preparing(connection, statement, parameters):
         prepare, statement = _prepared(connection, statement)
     if pending.begin or pending.deferred:
         prefix = pending.prefix()
@@ -301,7 +306,7 @@ def defer(session: Session, statement: Any, parameters: dict[str, Any]) -> None:
         return
     compiled = _compiled(statement, connection.dialect)
     sql, prepare = str(compiled), ""
-    if connection.info.get(PREPARE_ON) and parameters and _PYFORMAT.search(sql):
+    if _preparing(connection, sql, parameters):
         # As a prepared statement too: planned once per connection, not at every batch.
         prepare, sql = _prepared(connection, sql)
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]

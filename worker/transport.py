@@ -129,6 +129,8 @@ def drain_quarantine(client: Any, queue: str) -> int:
         return 0
     drained = 0
     key = quarantine_key(queue)
+    if not client.llen(key):
+        return 0  # the usual case for a sweep: no lock taken for nothing
     lock = client.lock(f"{key}.lock", timeout=QUARANTINE_LOCK_SECONDS, blocking=False)
     if not lock.acquire():
         return 0
@@ -143,6 +145,14 @@ def drain_quarantine(client: Any, queue: str) -> int:
     finally:
         with suppress(redis.exceptions.LockError):
             lock.release()
+
+
+def drain_quarantine_quietly(client: Any, queue: str) -> None:
+    """`drain_quarantine`, logging a failure: the items stay quarantined, for a later sweep."""
+    try:
+        drain_quarantine(client, queue)
+    except Exception:
+        logger.warning("could not record a quarantined message yet", exc_info=True)
 
 
 class QoS(kombu_redis.QoS):
@@ -288,21 +298,13 @@ class AtomicFetch(kombu_redis.Channel):
             raise Empty()
         return taken
 
-    def _drain_quietly(self, client: Any, queue: str) -> None:
-        try:
-            drain_quarantine(client, queue)
-        except Exception:
-            # The item stays quarantined (nothing lost); a later sweep records it.
-            logger.warning("could not record a quarantined message yet", exc_info=True)
-
     def _retry_quarantine(self, queue: str) -> None:
         now = monotonic()
         if now - self._quarantine_checked_at < 30:
             return
         self._quarantine_checked_at = now
         with self.conn_or_acquire() as client:
-            if client.llen(quarantine_key(queue)):
-                self._drain_quietly(client, queue)
+            drain_quarantine_quietly(client, queue)
 
     def _take_one(self, queue: str) -> bool:
         with self.conn_or_acquire() as client:
@@ -319,7 +321,7 @@ class AtomicFetch(kombu_redis.Channel):
                                client=client)
             items, quarantined = parse_taken(taken)
             if quarantined:
-                self._drain_quietly(client, queue)
+                drain_quarantine_quietly(client, queue)
             if items:
                 (raw, deliveries), = items
                 payload = loads(raw)
