@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -141,37 +142,34 @@ def producer(broker_url: str) -> Celery:
 class WorkerProcess:
     """A real `celery worker` subprocess and its log file."""
 
-    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, name: str = "") -> None:
         self.process = process
         self.log = log
+        self.name = name
 
     def log_text(self) -> str:
         """Everything the worker has logged so far."""
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-CONSUMERS = {
-    "celery": ["-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-               "-c", "2", "-E", "--without-gossip", "--without-mingle"],
-    "batch": ["-m", "worker.batch", "--concurrency", "2", "--batch-size", "50"],
-}
+WORKER = ["-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
+          "-c", "2", "-E", "--without-gossip", "--without-mingle", "--batch-size", "50"]
 
 
 def start_worker(database: str, broker: str, log: Path, *extra: str,
-                 env: dict[str, str] | None = None, kind: str = "celery") -> WorkerProcess:
-    """Start a consumer (`celery` worker or `batch`) and wait until it consumes."""
+                 env: dict[str, str] | None = None, name: str | None = None) -> WorkerProcess:
+    """Start a worker node (`celery worker`) and wait until it applies a command."""
     environment = {**os.environ, **TEST_ENV, "DATABASE_URL": database, "BROKER_URL": broker,
                    **(env or {})}
     environment.pop("RESULT_BACKEND", None)
     handle = log.open("wb")
-    name = f"test-{uuid.uuid4().hex[:8]}@%h"
-    naming = ["-n", name] if kind == "celery" else []
+    name = name or f"test-{uuid.uuid4().hex[:8]}@%h"
     process = subprocess.Popen(
-        [sys.executable, *CONSUMERS[kind], *naming, *extra],
+        [sys.executable, *WORKER, "-n", name, *extra],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    worker = WorkerProcess(process, log)
+    worker = WorkerProcess(process, log, name.replace("%h", socket.gethostname()))
     if not wait_until_consuming(worker, broker, environment["COMMANDS_QUEUE"]):
         process.kill()
         raise RuntimeError(f"the worker did not consume in 60 s:\n{log.read_text()}")
@@ -207,11 +205,11 @@ def stop_worker(worker: WorkerProcess, timeout: float = 30) -> None:
         worker.process.wait()
 
 
-@pytest.fixture(scope="session", params=sorted(CONSUMERS))
-def worker_process(request: pytest.FixtureRequest, database_url: str, broker_url: str,
+@pytest.fixture(scope="session")
+def worker_process(database_url: str, broker_url: str,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """A real consumer for the session: the Celery worker, then the batch consumer."""
+    """A real worker node for the session."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = start_worker(database_url, broker_url, log, kind=request.param)
+    worker = start_worker(database_url, broker_url, log)
     yield worker
     stop_worker(worker)

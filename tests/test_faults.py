@@ -81,16 +81,12 @@ def stack(servers: Servers) -> Iterator[Servers]:
 
 
 class Consumer:
-    """A consumer process (batch or Celery) with a short visibility timeout."""
+    """A worker node (`celery worker`, 2 pool processes) with a short visibility timeout."""
 
-    def __init__(self, stack: Servers, kind: str = "batch", **env: str) -> None:
-        command = {
-            "batch": [sys.executable, "-m", "worker.batch", "--concurrency", "2",
-                      "--batch-size", "50", "--loglevel", "WARNING"],
-            "celery": [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                       "-c", "2", "--loglevel", "WARNING", "--without-gossip",
-                       "--without-mingle", "-n", f"fault-{uuid.uuid4().hex[:6]}@%h"],
-        }[kind]
+    def __init__(self, stack: Servers, **env: str) -> None:
+        command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                   "-c", "2", "--batch-size", "50", "--loglevel", "WARNING",
+                   "--without-gossip", "--without-mingle", "-n", f"fault-{uuid.uuid4().hex[:6]}@%h"]
         environment = {**os.environ, **TEST_ENV, "DATABASE_URL": stack.database_url,
                        "BROKER_URL": stack.broker_url, "BROKER_VISIBILITY_TIMEOUT": "6",
                        "RETRY_BACKOFF_MAX": "2", "MAX_RETRIES": "30", **env}
@@ -170,13 +166,13 @@ def oracle(stack: Servers, scenario: str, keys: list[str], effects_table: str | 
                 effects = connection.execute(text(
                     f"SELECT count(*) FROM {effects_table or 'tags'}")).scalar()
             ended = applied | set(letters)
-            drained = (broker.llen("commands") == 0 and broker.hlen("unacked") == 0
-                       and broker.zcard("unacked_index") == 0)
+            drained = (broker.llen("commands") == 0 and broker.hlen("commands.unacked") == 0
+                       and broker.zcard("commands.unacked_index") == 0)
             if set(keys) <= ended and drained:
                 break
             assert time.monotonic() < deadline, (
                 f"{scenario}: {len(set(keys) - ended)} not ended, queue "
-                f"{broker.llen('commands')}, unacked {broker.hlen('unacked')}")
+                f"{broker.llen('commands')}, unacked {broker.hlen('commands.unacked')}")
             time.sleep(0.2)
     finally:
         engine.dispose()
@@ -219,20 +215,9 @@ def test_sigterm_mid_load_finishes_or_returns_the_work(stack: Servers) -> None:
     wait_for(stack, LOAD // 4)
     consumer.stop()
     assert consumer.process.returncode == 0
-    assert redis.Redis.from_url(stack.broker_url).hlen("unacked") == 0
+    assert redis.Redis.from_url(stack.broker_url).hlen("commands.unacked") == 0
     restarted = Consumer(stack)
     oracle(stack, "SIGTERM, restart", [k["command_id"] for _, k in load])
-    restarted.stop()
-
-
-def test_sigkill_of_a_celery_worker_mid_load(stack: Servers) -> None:
-    load = tags("celery", 600)
-    publish(stack, load)
-    consumer = Consumer(stack, "celery")
-    wait_for(stack, 100)
-    consumer.kill()
-    restarted = Consumer(stack, "celery")
-    oracle(stack, "SIGKILL Celery worker", [k["command_id"] for _, k in load])
     restarted.stop()
 
 
@@ -283,7 +268,7 @@ def test_redis_paused_longer_than_the_socket_timeout(stack: Servers) -> None:
 def test_the_pool_exhausted(stack: Servers) -> None:
     load = tags("pool", 1000)
     publish(stack, load)
-    consumer = Consumer(stack, "celery", DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0",
+    consumer = Consumer(stack, DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0",
                         DB_POOL_TIMEOUT="1")
     oracle(stack, "pool of 1, timeout 1 s", [k["command_id"] for _, k in load])
     consumer.stop()
@@ -291,7 +276,7 @@ def test_the_pool_exhausted(stack: Servers) -> None:
 
 def test_concurrent_updates_of_one_row_each_apply_once(stack: Servers) -> None:
     publish(stack, [("tags.create", {"command_id": "row", "data": {"name": "row"}})])
-    consumers = [Consumer(stack), Consumer(stack, "celery")]
+    consumers = [Consumer(stack), Consumer(stack)]
     wait_for(stack, 1)
     updates = [("tags.update", {"command_id": f"upd-{i}", "id": 1, "data": {"name": f"r{i}"}})
                for i in range(400)]
@@ -304,7 +289,7 @@ def test_concurrent_updates_of_one_row_each_apply_once(stack: Servers) -> None:
 
 
 def test_one_command_id_100_times_at_once_on_two_independent_workers(stack: Servers) -> None:
-    consumers = [Consumer(stack), Consumer(stack, "celery")]
+    consumers = [Consumer(stack), Consumer(stack)]
     time.sleep(3)
     copies = [("tags.create", {"command_id": "once", "data": {"name": "once"}})] * 100
     task_ids = [str(uuid.uuid4()) for _ in copies]
@@ -347,29 +332,3 @@ def test_an_update_before_its_create_is_not_found_and_nothing_else_is_lost(
     assert scalar(stack.database_url,
                   "SELECT reason FROM dead_letters WHERE command_id = 'early'") == "not_found"
     consumer.stop()
-
-
-@pytest.mark.parametrize("kind", ["batch", "celery"])
-def test_the_restore_mutex_a_killed_consumer_would_leave_expires_soon(
-    stack: Servers, kind: str
-) -> None:
-    # A consumer killed in the middle of kombu's sweep for dead consumers' messages leaves
-    # the sweep's mutex held until it expires: kombu's default, 300 s, held every restore
-    # back that long (seen: a SIGKILLed Celery worker's 2 messages not back in 120 s).
-    consumer = Consumer(stack, kind)
-    client = redis.Redis.from_url(stack.broker_url, socket_timeout=90)
-    expiry: float | None = None
-    try:
-        with client.monitor() as monitor:
-            deadline = time.monotonic() + 60
-            for entry in monitor.listen():
-                words = entry["command"].split()
-                if len(words) >= 3 and words[0].upper() == "SET" and words[1] == "unacked_mutex":
-                    # kombu's Mutex is a redis-py lock: SET key token NX PX <ms>.
-                    upper = [word.upper() for word in words]
-                    expiry = int(words[upper.index("PX") + 1]) / 1000
-                    break
-                assert time.monotonic() < deadline, "no restore sweep seen"
-    finally:
-        consumer.stop()
-    assert expiry is not None and expiry <= 10  # BROKER_VISIBILITY_TIMEOUT=6: the floor, 10 s

@@ -1,114 +1,244 @@
-"""The batch consumer: takes up to N commands from the queue at once and applies them together.
+"""A batch job: what a pool process does with the messages the node took for it.
 
-Each process loops: wait for the queue (`BLMOVE q q RIGHT RIGHT`, which removes nothing),
-take up to `batch_size` messages atomically into kombu's unacked set (worker/transport.py),
-apply them as one transaction (worker/apply.py), store each outcome in the result backend
-exactly as Celery does, send Celery task events for Flower, and only then acknowledge.
-A process killed at any instant leaves its messages in the unacked set, from which any
-consumer (this one or a Celery worker) restores them after the visibility timeout.
+The node (worker/node.py) takes messages from Redis in batches and hands each batch to its
+pool as one job. The job, in a pool process: turns each message into a command (or its
+rejection: undecodable, over-size, invalid), applies them in as few transactions as the rules
+allow (worker/apply.py), and then, in one Redis round trip per transaction, stores every
+outcome in Celery's result format, publishes the Celery task events and acknowledges the
+messages (worker/broker.py FINISH). Commands that carry callbacks, errbacks, a chain or a
+chord (or that Celery signal handlers watch) are reported through Celery's own tracer after
+their transaction commits, so canvas runs exactly as Celery runs it.
+
+A job never raises: every message ends settled (an outcome stored and acknowledged) or is
+returned as `left` for the node to put back on the queue (counted as a delivery), and a
+message that keeps failing is dead-lettered once its deliveries exceed MAX_DELIVERIES.
 """
 
 from __future__ import annotations
 
 import base64
-import gc
 import logging
-import multiprocessing
 import os
 import random
-import signal
-import socket
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any
 
 import orjson
-import redis
+from celery import signals
 from celery.utils.time import utcoffset
-from kombu.connection import Connection
 from sqlalchemy import exc as sa_exc
 
-from worker import apply, db, intake, transport
-from worker.config import Settings, broker_url, get_settings, result_backend_url
-from worker.errors import Undecodable
-from worker.protocol import UndecodableMessage, decode, loads
-from worker.security import redact
+from worker import apply, protocol
+from worker.broker import QueueKeys, Scripts, Taken, finish_arguments
+from worker.config import get_settings
+from worker.errors import CommandRejected, Invalid, Undecodable
+from worker.security import safe_repr
 
 logger = logging.getLogger(__name__)
 
 RESULT_KEY = "celery-task-meta-{}"
-# About 300 ms of hashing: a run of signups is answered as it goes, and the per-transaction
-# cost stays about 1% of the hashing.
+# About 300 ms of hashing at the default cost: a run of sign-ups is answered as it goes, and
+# the per-transaction cost stays about 1% of the hashing.
 HASHES_PER_TRANSACTION = 16
 
+#: What the node decided about a message before handing it on.
+APPLY, REVOKED, EXPIRED = "apply", "revoked", "expired"
 
-@dataclass
+
+@dataclass(frozen=True, slots=True)
 class Received:
-    """A message taken from the queue and the command made of it."""
+    """A taken message, when the node took it, and whether it is to be applied."""
 
-    delivery_tag: str | None
+    message: Taken
+    received_at: float
+    verdict: str = APPLY
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One pool job: messages of one queue, taken together."""
+
+    keys: QueueKeys
+    node: str
+    items: tuple[Received, ...]
+    events: bool = True
+
+    def __repr__(self) -> str:
+        # Pools log their jobs' arguments at DEBUG: never a message's content.
+        return f"<batch of {len(self.items)} from {self.keys.queue!r}>"
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One message in a job: the command made of it, and what is known to report it."""
+
+    received: Received
     command: apply.Command
-    received_at: float = field(default_factory=time.time)
+    headers: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    embed: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+    runtime: float = 0.0
+    traced: bool = False
 
+    @property
+    def message(self) -> Taken:
+        return self.received.message
+
+    @property
+    def revoked(self) -> bool:
+        return self.received.verdict != APPLY
+
+    @property
+    def ignore_result(self) -> bool:
+        return self.headers.get("ignore_result") is True
+
+    @property
+    def has_canvas(self) -> bool:
+        return any(self.embed.get(name) for name in ("callbacks", "errbacks", "chain", "chord"))
+
+
+def receive(received: Received, limit: int) -> Delivery:
+    """The command in a taken message; one that cannot be decoded carries its rejection."""
+    message = received.message
+    if message.raw is None:
+        task_id, task = protocol.identity(None, message.tail)
+        command = apply.Command(task=task or "", task_id=task_id or "", kwargs=None,
+                                rejection=Invalid(f"message of {message.size} bytes exceeds "
+                                                  f"the limit of {limit} bytes"))
+        return Delivery(received, command)
+    try:
+        decoded = protocol.decode(message.raw, limit)
+    except protocol.UndecodableMessage as error:
+        task_id, task = protocol.identity(message.raw)
+        rejection: CommandRejected = (Invalid(str(error)) if isinstance(error, protocol.OverLimit)
+                                      else Undecodable(str(error)))
+        command = apply.Command(task=task or "", task_id=task_id or "", kwargs=None,
+                                rejection=rejection)
+        command.raw = message.raw
+        return Delivery(received, command)
+    command = apply.Command(task=decoded.task, task_id=decoded.task_id or "",
+                            kwargs=decoded.kwargs, args=decoded.args,
+                            deliveries=message.deliveries, raw=message.raw)
+    delivery = Delivery(received, command, decoded.headers, decoded.properties, decoded.embed)
+    if received.verdict == APPLY:
+        command.rejection = _header_problem(decoded)
+    return delivery
+
+
+def _header_problem(message: protocol.Message) -> CommandRejected | None:
+    """What makes a decodable message invalid before its arguments are even looked at."""
+    if protocol.depth(message.args) > protocol.MAX_DEPTH or \
+            protocol.depth(message.kwargs) > protocol.MAX_DEPTH:
+        return Invalid(f"arguments nested deeper than {protocol.MAX_DEPTH} levels")
+    for name in ("eta", "expires"):
+        try:
+            protocol.parse_time(message.headers.get(name))
+        except ValueError:
+            return Invalid(f"the {name} header is not an ISO 8601 date and time")
+    return None
+
+
+# --- applying -------------------------------------------------------------------------------
+
+def apply_commands(commands: list[apply.Command],
+                   on_retry: Any = None) -> None:
+    """Apply commands as one transaction, retrying transient faults in place.
+
+    After MAX_RETRIES the commands still without an outcome are dead-lettered as
+    `retries_exhausted` (waiting, if need be, until the database takes the dead letters).
+    `on_retry(error)` is called before each retry. Other errors are raised.
+    """
+    settings = get_settings()
+    attempt = 0
+    while True:
+        try:
+            apply.run_batch(commands)
+            return
+        except sa_exc.SQLAlchemyError as error:
+            if not apply.is_transient(error):
+                raise
+            attempt += 1
+            if attempt > settings.max_retries:
+                _exhaust(commands, f"gave up after {attempt - 1} retries: "
+                                   f"{type(error).__name__}")
+                return
+            if on_retry is not None:
+                on_retry(error)
+            delay = min(settings.retry_backoff_max, 0.1 * 2**attempt)
+            logger.warning("transient fault (%s); %d command(s) retried in %.1f s",
+                           type(error).__name__, len(commands), delay)
+            time.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
+
+
+def _exhaust(commands: list[apply.Command], detail: str) -> None:
+    pending = [c for c in commands if c.result is None and c.rejection is None]
+    while pending:
+        try:
+            for command in list(pending):
+                apply.record_exhausted(command, detail)
+                pending.remove(command)
+        except sa_exc.SQLAlchemyError:
+            # Not recorded yet: the messages stay unacknowledged until it is.
+            time.sleep(get_settings().retry_backoff_max)
+
+
+# --- reporting ------------------------------------------------------------------------------
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def result_meta(command: apply.Command) -> dict[str, Any]:
-    """The result-backend record Celery would store for `command`'s outcome."""
+def failure_traceback(error: BaseException) -> str:
+    """The traceback Celery stores with a failure (the exception line when never raised)."""
+    if error.__traceback__ is not None:
+        return "".join(traceback.format_exception(error))
+    return "".join(traceback.format_exception_only(error))
+
+
+def _exception_meta(error: BaseException) -> dict[str, Any]:
+    """An exception as Celery's JSON result serializer stores it."""
+    return {"exc_type": type(error).__name__, "exc_message": list(error.args),
+            "exc_module": type(error).__module__}
+
+
+def result_meta(delivery: Delivery) -> dict[str, Any]:
+    """The result-backend record Celery would store for `delivery`'s outcome."""
+    command = delivery.command
     meta: dict[str, Any] = {"task_id": command.task_id, "traceback": None, "children": [],
                             "date_done": _now_iso()}
-    if command.rejection is not None:
-        meta.update(status="FAILURE", result={
-            "exc_type": type(command.rejection).__name__,
-            "exc_message": list(command.rejection.args),
-            "exc_module": type(command.rejection).__module__,
-        })
+    if delivery.revoked:
+        from celery.exceptions import TaskRevokedError
+
+        meta.update(status="REVOKED", result=_exception_meta(
+            TaskRevokedError(delivery.received.verdict)))
+    elif command.rejection is not None:
+        meta.update(status="FAILURE", result=_exception_meta(command.rejection),
+                    traceback=failure_traceback(command.rejection))
     else:
         meta.update(status="SUCCESS", result=command.result)
     return meta
-
-
-def to_command(raw: bytes, deliveries: int) -> Received:
-    """The command in a taken message; an undecodable one carries its rejection."""
-    try:
-        message = decode(raw)
-    except UndecodableMessage as error:
-        try:
-            envelope = loads(raw)
-            tag = envelope["properties"]["delivery_tag"]
-            headers = envelope.get("headers") or {}
-        except (ValueError, KeyError, TypeError):
-            tag, headers = None, {}
-        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-        task = headers.get("task") if isinstance(headers.get("task"), str) else None
-        command = apply.Command(task=task or "", task_id=task_id or "", kwargs=None,
-                                rejection=Undecodable(str(error)))
-        command.raw = raw
-        return Received(tag, command)
-    return Received(message.delivery_tag, apply.Command(
-        task=message.task, task_id=message.task_id, kwargs=message.kwargs, args=message.args,
-        deliveries=deliveries, raw=raw))
 
 
 class TaskEvents:
     """A batch's Celery task events, sent as Celery's dispatcher sends buffered ones.
 
     That is one `task.multi` message holding every event of the batch, on the events
-    exchange. The dispatcher builds each event and then the message through kombu (some
-    30 µs a command here, a fifth of this process's work on a command); here each event is a
-    dict and the message is the one kombu made for the dispatcher's first, with this batch's
-    events as its body and a delivery tag of its own.
+    exchange. The dispatcher builds each event and then the message through kombu; here each
+    event is a dict and the message is the one kombu made for the dispatcher's first, with
+    the batch's events as its body and a delivery tag of its own.
     """
 
     def __init__(self, dispatcher: Any) -> None:
+        from worker.transport import collecting_publishes
+
         self.dispatcher = dispatcher
-        with transport.collecting_publishes(dispatcher.producer) as publishes:
+        with collecting_publishes(dispatcher.producer) as publishes:
             dispatcher.publish("task-multi", {}, dispatcher.producer)
         ((self.channel, payload),) = publishes
         self.template = orjson.loads(payload)
@@ -117,394 +247,289 @@ class TaskEvents:
         self.pid = os.getpid()
         self.pending: list[dict[str, Any]] = []
 
-    def add(self, kind: str, task_id: str, **fields: Any) -> None:
+    def add(self, kind: str, task_id: str, timestamp: float | None = None,
+            **fields: Any) -> None:
         """One task event, as the dispatcher's `send(kind, uuid=task_id, **fields)` makes it."""
         self.pending.append({"hostname": self.dispatcher.hostname, "utcoffset": utcoffset(),
                              "pid": self.pid, "clock": self.dispatcher.clock.forward(),
-                             "uuid": task_id, **fields, "timestamp": time.time(),
+                             "uuid": task_id, **fields,
+                             "timestamp": timestamp if timestamp is not None else time.time(),
                              "type": kind})
 
     def take(self) -> list[tuple[str, bytes]]:
         """The pending events as (channel, message) pairs to PUBLISH (none or one), forgotten."""
         if not self.pending:
             return []
-        body = base64.b64encode(orjson.dumps(self.pending)).decode()
+        body = base64.b64encode(orjson.dumps(self.pending, default=str)).decode()
         self.pending = []
         properties = {**self.template["properties"], "delivery_tag": str(uuid.uuid4())}
         return [(self.channel, orjson.dumps({**self.template, "body": body,
                                              "properties": properties}))]
 
 
-class BatchConsumer:
-    """One consuming process: fetch a batch, apply it, store outcomes, acknowledge."""
+_SIGNALS = (signals.task_prerun, signals.task_postrun, signals.task_success,
+            signals.task_failure)
 
-    def __init__(self, settings: Settings, batch_size: int, events: bool = True,
-                 peers: int = 1) -> None:
-        self.settings = settings
-        self.queue = settings.commands_queue
-        self.batch_size = batch_size
-        self.peers = peers
-        self.broker = redis.Redis.from_url(
-            broker_url(settings), socket_timeout=15, socket_connect_timeout=10,
-            socket_keepalive=True, health_check_interval=10, retry_on_timeout=True)
-        backend = result_backend_url(settings)
-        self.results = (self.broker if backend == broker_url(settings) else
-                        redis.Redis.from_url(backend, socket_timeout=15,
-                                             socket_connect_timeout=10))
-        self.take_script = self.broker.register_script(transport.TAKE_SCRIPT)
-        self.finish_script = self.results.register_script(transport.FINISH_SCRIPT)
-        self.keys = transport.take_keys(self.queue)
-        self.hostname = f"batch-{os.getpid()}@{socket.gethostname()}"
-        self.kombu = Connection(
-            broker_url(settings), transport="worker.transport:Transport",
-            transport_options={
-                "visibility_timeout": settings.broker_visibility_timeout,
-                "unacked_mutex_expire": transport.unacked_mutex_expire(
-                    settings.broker_visibility_timeout)})
-        self.events = None
+
+class BatchRunner:
+    """What one pool process keeps between jobs: its Redis clients, scripts and events."""
+
+    def __init__(self, node: str, events: bool) -> None:
+        from worker.celery_app import app
+
+        self.app = app
+        self.settings = get_settings()
+        self.node = node
+        self.connection = app.connection_for_write()
+        channel = self.connection.default_channel
+        self.broker = channel.scripts_client()
+        self.scripts = Scripts(self.broker)
+        backend = app.backend
+        self.backend = backend
+        self.results_on_broker = False
+        self.results_client: Any = None
+        if _is_redis_backend(backend):
+            if app.conf.result_backend == app.conf.broker_url:
+                self.results_on_broker = True
+                self.results_client = self.broker
+            else:
+                self.results_client = backend.client
+            self.finish_on_results = self.results_client.register_script(
+                self.scripts.finish_script.script)
         self.task_events: TaskEvents | None = None
         if events:
-            from worker.celery_app import app
+            dispatcher = app.events.Dispatcher(connection=self.connection, hostname=node,
+                                               groups=["task"])
+            self.task_events = TaskEvents(dispatcher)
 
-            self.events = app.events.Dispatcher(
-                connection=self.kombu, hostname=self.hostname, groups=["task", "worker"])
-            self.task_events = TaskEvents(self.events)
-        self.stopping = False
-        # What the last finish took along for the next batch (`_finish_and_take`):
-        # (items, quarantined).
-        self._taken: tuple[list[tuple[bytes, int]], int] | None = None
-        self.processed = 0
-        self._restored_at = 0.0
-        self._heartbeat_at = 0.0
+    # --- the job ---------------------------------------------------------------------------
 
-    # --- the loop -----------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Consume until `stop()`; the batch in hand (or taken along) is always finished first."""
-        transport.set_quarantine_handler(intake.record_queue_item)
-        self._event("worker-online")
-        while not self.stopping or self._taken is not None:
+    def run(self, job: Job) -> tuple[str, ...]:
+        """Apply, report and acknowledge the job's messages; the tags left unsettled."""
+        limit = self.settings.max_payload_bytes
+        deliveries: list[Delivery] = []
+        left: list[Taken] = []
+        for item in job.items:
             try:
-                self._housekeeping()
-                taken = self.fetch(timeout=1)
-                if taken:
-                    self.handle(taken)
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                logger.warning("broker unreachable (%s); retrying", type(error).__name__)
-                time.sleep(1 + random.random())  # noqa: S311 - jitter
-        self._event("worker-offline")
-
-    def stop(self) -> None:
-        """Finish the batch in hand, then return from `run`."""
-        self.stopping = True
-
-    def fetch(self, timeout: int) -> list[Received]:
-        """Up to `batch_size` messages, atomically moved into the unacked set.
-
-        The ones the last batch's finish took along come first; stopping, nothing more.
-        """
-        if self._taken is not None:
-            (items, quarantined), self._taken = self._taken, None
-        elif self.stopping:
-            return []
-        else:
-            items, quarantined = self._take()
-        if not items and not quarantined and not self.stopping:
-            # Nothing waiting: block until something is (BLMOVE q q removes nothing).
-            if self.broker.blmove(self.queue, self.queue, timeout, "RIGHT", "RIGHT") is None:
-                return []
-            items, quarantined = self._take()
-        if quarantined:
-            transport.drain_quarantine_quietly(self.broker, self.queue)
-        return [to_command(raw, deliveries) for raw, deliveries in items]
-
-    def _take(self) -> tuple[list[tuple[bytes, int]], int]:
-        return transport.parse_taken(self.take_script(keys=self.keys, args=self._take_args()))
-
-    def _take_args(self) -> list[Any]:
-        return [time.time(), self.settings.max_payload_bytes, self.batch_size, self.peers]
-
-    def handle(self, received: Sequence[Received]) -> None:
-        """Apply a batch, store its outcomes and events, then acknowledge it.
-
-        Commands that carry a password are slow (a hash each, ~18 ms): a batch holding more
-        than HASHES_PER_TRANSACTION of them is applied in several transactions, in order, each
-        answered and acknowledged when it commits.
-        """
-        start = 0
-        while start < len(received):
-            end, hashes = start, 0
-            while end < len(received) and (hashes < HASHES_PER_TRANSACTION
-                                           or not apply.needs_hash(received[end].command)):
-                hashes += apply.needs_hash(received[end].command)
-                end += 1
-            self._handle_transaction(received[start:end], last=end == len(received))
-            start = end
-
-    def _handle_transaction(self, received: Sequence[Received], last: bool = True) -> None:
-        """Apply commands as one transaction, store their outcomes and events, acknowledge."""
-        for item in received:
-            self._task_event("task-received", item.command, name=item.command.task,
-                             args=repr(redact(item.command.args)),
-                             kwargs=repr(redact(item.command.kwargs)),
-                             retries=0)
-        started = time.monotonic()
-        try:
-            self._apply_with_retries([item.command for item in received])
-            done = list(received)
-        except Exception:
-            # A bug, not a fault of the input: apply the commands one by one so that only
-            # the one that trips it stays unacknowledged (redelivered, then dead-lettered
-            # once MAX_DELIVERIES is reached) and the rest of the batch is not held hostage.
-            logger.exception("a batch of %d failed; applying its commands one by one",
-                             len(received))
-            done = []
-            for item in received:
-                try:
-                    self._apply_with_retries([item.command])
-                    done.append(item)
-                except Exception:
-                    logger.exception("command %s failed; left for redelivery",
-                                     item.command.task_id)
-        runtime = time.monotonic() - started
-        tags = [item.delivery_tag for item in done if item.delivery_tag]
-        # With results on the broker's Redis, outcomes and acknowledgment go in one script call.
-        together = self.results is self.broker
-        self._store_outcomes([item.command for item in done], runtime, tags if together else [],
-                             take_next=last)
-        if not together:
-            self._ack(tags)
-        self.processed += len(done)
-
-    # --- steps --------------------------------------------------------------------------
-
-    def _apply_with_retries(self, commands: list[apply.Command]) -> None:
-        attempt = 0
-        while True:
-            try:
-                apply.run_batch(commands)
-                return
-            except sa_exc.SQLAlchemyError as error:
-                if not apply.is_transient(error):
-                    raise
-                attempt += 1
-                if attempt > self.settings.max_retries:
-                    self._exhaust(commands, f"gave up after {attempt - 1} retries: "
-                                            f"{type(error).__name__}")
-                    return
-                delay = min(self.settings.retry_backoff_max, 0.1 * 2**attempt)
-                logger.warning("transient fault (%s); batch of %d retried in %.1f s",
-                               type(error).__name__, len(commands), delay)
-                time.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
-
-    def _exhaust(self, commands: list[apply.Command], detail: str) -> None:
-        pending = [c for c in commands if c.result is None and c.rejection is None]
-        while pending:
-            try:
-                for command in list(pending):
-                    apply.record_exhausted(command, detail)
-                    pending.remove(command)
-            except sa_exc.SQLAlchemyError:
-                # Not recorded yet: the messages stay unacknowledged until it is.
-                time.sleep(self.settings.retry_backoff_max)
-
-    def _store_outcomes(self, commands: Sequence[apply.Command], runtime: float,
-                        ack_tags: Sequence[str] = (), take_next: bool = False) -> None:
-        """Store each outcome (and publish it), acknowledge `ack_tags`, send the task events.
-
-        With results on the broker's Redis, that is one FINISH_SCRIPT call, atomic: the
-        messages are acknowledged exactly when their outcomes are stored; with `take_next`,
-        the next batch is taken in the same round trip.
-        """
-        share = runtime / max(1, len(commands))
-        for command in commands:
-            if command.rejection is not None:
-                self._task_event("task-failed", command, exception=repr(command.rejection),
-                                 traceback=None)
-            else:
-                self._task_event("task-succeeded", command, result=repr(command.result),
-                                 runtime=share)
-        results = [(RESULT_KEY.format(command.task_id), orjson.dumps(result_meta(command)))
-                   for command in commands if command.task_id]
-        together = self.results is self.broker
-        publishes = self.task_events.take() if self.task_events is not None else []
-        keys, args = transport.finish_arguments(self.queue, results,
-                                                self.settings.result_expires, list(ack_tags),
-                                                publishes if together else [])
-        if (together and take_next and not self.stopping and self._taken is None
-                and self._finish_and_take(keys, args)):
-            return
-        while True:
-            try:
-                self.finish_script(keys=keys, args=args, client=self.results)
-                break
-            except (redis.ConnectionError, redis.TimeoutError):
-                if self.stopping:
-                    # Unacknowledged, so redelivered later and answered as duplicates.
-                    logger.warning("result backend unreachable while stopping: giving up")
-                    return
-                logger.warning("result backend unreachable; retrying")
-                time.sleep(1)
-        if not together:  # the results are on another Redis: events go on their own
-            for channel, message in publishes:
-                try:
-                    self.broker.publish(channel, message)
-                except redis.RedisError:
-                    logger.debug("could not send the task events", exc_info=True)
-
-    def _finish_and_take(self, keys: list[str], args: list[Any]) -> bool:
-        """FINISH_SCRIPT, and TAKE_SCRIPT for the next batch, in one round trip.
-
-        True when the finish ran (what the take got is kept for `fetch`); False when it must
-        be sent again (the connection failed: a take that ran meanwhile leaves its messages
-        unacknowledged, restored after the visibility timeout).
-        """
-        pipe = self.broker.pipeline(transaction=False)
-        pipe.evalsha(self.finish_script.sha, len(keys), *keys, *args)
-        pipe.evalsha(self.take_script.sha, len(self.keys), *self.keys, *self._take_args())
-        try:
-            finished, taken = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError):
-            return False
-        if not isinstance(taken, Exception):
-            self._taken = transport.parse_taken(taken)
-        return not isinstance(finished, Exception)  # NOSCRIPT (a restarted Redis): again
-
-    def _ack(self, tags: Sequence[str]) -> None:
-        if not tags:
-            return
-        while True:
-            try:
-                pipe = self.broker.pipeline(transaction=True)
-                self._ack_into(pipe, tags)
-                pipe.execute()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if self.stopping:
-                    logger.warning("broker unreachable while stopping: left unacknowledged")
-                    return
-                logger.warning("broker unreachable while acknowledging; retrying")
-                time.sleep(1)
-
-    def _ack_into(self, pipe: Any, tags: Sequence[str]) -> None:
-        pipe.zrem("unacked_index", *tags)
-        pipe.hdel("unacked", *tags)
-        pipe.hdel(transport.deliveries_key(self.queue), *tags)
-
-    def _housekeeping(self) -> None:
-        now = time.monotonic()
-        interval = max(1, min(10, self.settings.broker_visibility_timeout // 4))
-        if now - self._restored_at >= interval:
-            self._restored_at = now
-            try:
-                # kombu's own sweep (with its mutex): messages of dead consumers go back.
-                self.kombu.default_channel.qos.restore_visible(num=1000, interval=1)
+                deliveries.append(receive(item, limit))
             except Exception:
-                logger.warning("could not look for unacknowledged messages", exc_info=True)
-                self.kombu.collect()
-            # Items another consumer quarantined but could not record (or left to us).
-            transport.drain_quarantine_quietly(self.broker, self.queue)
-        if now - self._heartbeat_at >= 2:
-            self._heartbeat_at = now
-            self._event("worker-heartbeat", freq=2.0, active=0, processed=self.processed)
+                logger.exception("message %s could not be read; it goes back on the queue",
+                                 item.message.tag)
+                left.append(item.message)
+        start = 0
+        # Commands that hash a password are slow: no more than HASHES_PER_TRANSACTION of
+        # them per transaction, each group answered and acknowledged when it commits.
+        while start < len(deliveries):
+            end, hashes = start, 0
+            while end < len(deliveries) and (
+                    hashes < HASHES_PER_TRANSACTION
+                    or not apply.needs_hash(deliveries[end].command)):
+                hashes += apply.needs_hash(deliveries[end].command)
+                end += 1
+            left += self._settle(job, deliveries[start:end])
+            start = end
+        return tuple(message.tag for message in left)
 
-    # --- events -------------------------------------------------------------------------
+    def _settle(self, job: Job, deliveries: Sequence[Delivery]) -> list[Taken]:
+        """Apply one transaction's worth of deliveries, then report and acknowledge them."""
+        events = self.task_events
+        applying = [d for d in deliveries if not d.revoked]
+        started = time.time()
+        if events is not None:
+            for delivery in applying:
+                command = delivery.command
+                if not command.task_id:
+                    continue
+                events.add("task-received", command.task_id,
+                           timestamp=delivery.received.received_at, name=command.task,
+                           args=safe_repr(command.args), kwargs=safe_repr(command.kwargs),
+                           root_id=delivery.headers.get("root_id"),
+                           parent_id=delivery.headers.get("parent_id"),
+                           retries=delivery.headers.get("retries") or 0,
+                           eta=delivery.headers.get("eta"),
+                           expires=delivery.headers.get("expires"))
+                events.add("task-started", command.task_id, timestamp=started, pid=os.getpid())
+        done, left = self._apply(applying)
+        finished = time.time()
+        for delivery in done:
+            delivery.runtime = finished - started
+        settled = [d for d in deliveries if d.revoked] + done
+        traced = [d for d in settled if self._needs_tracer(d)]
+        for delivery in traced:
+            self._trace(delivery)
+        self._report(job, settled)
+        return [delivery.message for delivery in left]
 
-    def _event(self, kind: str, **fields: Any) -> None:
-        if self.events is None:
-            return
+    def _apply(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+        """(settled, left): apply as one transaction; after an unexpected error, one by one."""
+        if not deliveries:
+            return [], []
+
+        def retried(error: BaseException) -> None:
+            if self.task_events is None:
+                return
+            for delivery in deliveries:
+                if delivery.command.task_id:
+                    self.task_events.add("task-retried", delivery.command.task_id,
+                                         exception=repr(type(error).__name__), traceback=None)
+
         try:
-            self.events.send(kind, sw_ident="command-worker-batch", sw_ver="1",
-                             sw_sys=os.uname().sysname, **fields)
+            apply_commands([d.command for d in deliveries], on_retry=retried)
+            return deliveries, []
         except Exception:
-            logger.debug("could not send %s", kind, exc_info=True)
+            if len(deliveries) == 1:
+                logger.exception("command %s failed; left for redelivery",
+                                 deliveries[0].message.tag)
+                return [], deliveries
+            # A bug, not a fault of the input: apply the commands one by one, so that only
+            # the one that trips it goes back (redelivered, then dead-lettered once its
+            # deliveries exceed MAX_DELIVERIES) and the rest are not held hostage.
+            logger.exception("a batch of %d failed; applying its commands one by one",
+                             len(deliveries))
+        done: list[Delivery] = []
+        left: list[Delivery] = []
+        for delivery in deliveries:
+            _forget(delivery.command)
+            single_done, single_left = self._apply([delivery])
+            done += single_done
+            left += single_left
+        return done, left
 
-    def _task_event(self, kind: str, command: apply.Command, **fields: Any) -> None:
-        if self.task_events is not None and command.task_id:
-            self.task_events.add(kind, command.task_id, **fields)
+    def _needs_tracer(self, delivery: Delivery) -> bool:
+        """Whether Celery's tracer must report this one: canvas, or signal handlers to call."""
+        if delivery.command.task not in self.app.tasks:
+            return False
+        if delivery.has_canvas:
+            return True
+        return any(signal.receivers for signal in _SIGNALS) and not delivery.revoked
+
+    def _trace(self, delivery: Delivery) -> None:
+        """Report through Celery's tracer: it stores the result, runs callbacks and chords."""
+        from worker.commands import SETTLED
+
+        command = delivery.command
+        request = {**delivery.headers, **delivery.embed,
+                   "argsrepr": safe_repr(command.args), "kwargsrepr": safe_repr(command.kwargs),
+                   "properties": delivery.properties,
+                   "reply_to": delivery.properties.get("reply_to"),
+                   "correlation_id": delivery.properties.get("correlation_id"),
+                   "delivery_info": {"exchange": "", "routing_key": delivery.message.queue,
+                                     "priority": delivery.properties.get("priority"),
+                                     "redelivered": delivery.message.deliveries > 1},
+                   "hostname": self.node, "is_eager": False}
+        task = self.app.tasks[command.task]
+        try:
+            if delivery.revoked:
+                from celery.app.task import Context
+
+                self.backend.mark_as_revoked(command.task_id, delivery.received.verdict,
+                                             request=Context(request),
+                                             store_result=not delivery.ignore_result)
+            else:
+                SETTLED[command.task_id] = command
+                try:
+                    task.__trace__(command.task_id, command.args, command.kwargs, request)
+                finally:
+                    SETTLED.pop(command.task_id, None)
+            delivery.traced = True
+        except Exception:
+            # The outcome is committed: report it the lean way rather than not at all.
+            logger.exception("Celery's tracer failed on %s; its result is stored directly",
+                             command.task_id)
+
+    def _report(self, job: Job, settled: Sequence[Delivery]) -> None:
+        """Store outcomes, publish events and acknowledge, in one round trip when possible."""
+        events = self.task_events
+        results: list[tuple[str, bytes]] = []
+        for delivery in settled:
+            command = delivery.command
+            if events is not None and command.task_id:
+                if delivery.revoked:
+                    events.add("task-revoked", command.task_id, terminated=False, signum=None,
+                               expired=delivery.received.verdict == EXPIRED)
+                elif command.rejection is not None:
+                    events.add("task-failed", command.task_id,
+                               exception=safe_repr(command.rejection),
+                               traceback=failure_traceback(command.rejection))
+                else:
+                    events.add("task-succeeded", command.task_id,
+                               result=safe_repr(command.result), runtime=delivery.runtime)
+            if command.task_id and not delivery.traced and not delivery.ignore_result:
+                results.append((RESULT_KEY.format(command.task_id),
+                                orjson.dumps(result_meta(delivery), default=str)))
+        publishes = events.take() if events is not None else []
+        messages = [delivery.message for delivery in settled]
+        if self.results_client is None:
+            self._store_elsewhere([d for d in settled if d.command.task_id and not d.traced
+                                   and not d.ignore_result])
+            results = []
+        if self.results_on_broker:
+            keys, args = finish_arguments(job.keys, results, self.settings.result_expires,
+                                          messages, publishes)
+            self._call(self.finish_on_results, keys, args)
+            return
+        if results:
+            keys, args = finish_arguments(job.keys, results, self.settings.result_expires,
+                                          [], [])
+            self._call(self.finish_on_results, keys, args, client=self.results_client)
+        keys, args = finish_arguments(job.keys, [], self.settings.result_expires, messages,
+                                      publishes)
+        self._call(self.scripts.finish_script, keys, args)
+
+    def _store_elsewhere(self, deliveries: Sequence[Delivery]) -> None:
+        """Results for a backend that is not Redis: through Celery's backend, one by one."""
+        for delivery in deliveries:
+            meta = result_meta(delivery)
+            self.backend.store_result(delivery.command.task_id, meta["result"], meta["status"],
+                                      traceback=meta["traceback"])
+
+    def _call(self, script: Any, keys: list[str], args: list[Any], client: Any = None) -> None:
+        """Run a FINISH until Redis takes it (the messages stay unacknowledged meanwhile)."""
+        while True:
+            try:
+                script(keys=keys, args=args, client=client or self.broker)
+                return
+            except Exception as error:
+                import redis
+
+                if not isinstance(error, redis.ConnectionError | redis.TimeoutError):
+                    raise
+                logger.warning("Redis unreachable while storing outcomes; retrying")
+                time.sleep(1)
 
 
-def _consume_forever(batch_size: int, events: bool, peers: int) -> None:
-    """A child process's life: one consumer until SIGTERM."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    db.after_fork()
-    db.hold_connection()  # this process applies its batches one after another
-    consumer = BatchConsumer(get_settings(), batch_size, events, peers)
-    # What exists now (modules, the app, the consumer) lives as long as the process: kept out
-    # of the collector, a full collection no longer walks ~100,000 objects (30-40 ms) mid-batch.
-    gc.collect()
-    gc.freeze()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        consumer.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    consumer.run()
+def _forget(command: apply.Command) -> None:
+    """Undo what a failed try left on a command, so that it can be applied afresh."""
+    command.result = None
+    if command.item is not None and command.rejection is not None:
+        command.rejection = None
+    command.key = None
+    command.item = None
 
 
-def consume(concurrency: int, batch_size: int, events: bool = True) -> int:
-    """Run `concurrency` consumer processes until SIGTERM/SIGINT; restart any that dies."""
-    context = multiprocessing.get_context("fork")
-    children: dict[int, multiprocessing.process.BaseProcess] = {}
-    stopping = False
+def _is_redis_backend(backend: Any) -> bool:
+    from celery.backends.redis import RedisBackend
 
-    def start_one() -> None:
-        child = context.Process(target=_consume_forever,
-                                args=(batch_size, events, concurrency), daemon=False)
-        child.start()
-        assert child.pid is not None
-        children[child.pid] = child
+    return isinstance(backend, RedisBackend)
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+_runner: BatchRunner | None = None
+_runner_pid: int | None = None
+
+
+def run_job(job: Job) -> tuple[str, ...]:
+    """The pool's entry point: run `job`; the tags of messages to put back on the queue.
+
+    Never raises: a failure of the job itself leaves every message to be put back.
+    """
+    global _runner, _runner_pid
     try:
-        for _ in range(concurrency):
-            start_one()
-        logger.info("consuming %s with %d processes, batches of up to %d",
-                    get_settings().commands_queue, concurrency, batch_size)
-        while not stopping:
-            for pid, child in list(children.items()):
-                if not child.is_alive():
-                    child.join()
-                    del children[pid]
-                    logger.warning("consumer %d exited with %s; starting another", pid,
-                                   child.exitcode)
-                    time.sleep(0.5)
-                    start_one()
-            time.sleep(0.2)
-        for child in children.values():
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        for child in children.values():
-            child.join(max(0.1, deadline - time.monotonic()))
-            if child.is_alive():
-                child.kill()
-                child.join()
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m worker.batch [--concurrency N] [--batch-size N] [--no-events]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m worker.batch", description=main.__doc__)
-    parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--no-events", action="store_true")
-    parser.add_argument("--loglevel", default="INFO")
-    options = parser.parse_args(argv)
-    logging.basicConfig(level=options.loglevel.upper(),
-                        format="%(asctime)s %(levelname)s %(processName)s %(message)s")
-    return consume(options.concurrency, options.batch_size, not options.no_events)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        if _runner is None or _runner_pid != os.getpid():
+            _runner = BatchRunner(job.node, job.events)
+            _runner_pid = os.getpid()
+        return _runner.run(job)
+    except Exception:
+        logger.exception("a batch of %d could not be run; it goes back on the queue",
+                         len(job.items))
+        _runner = None
+        return tuple(item.message.tag for item in job.items)

@@ -1,51 +1,35 @@
-"""The Celery app: JSON only, acks after commit, the commands queue, redacted events."""
+"""The Celery app: JSON only, the commands queue, the batch intake step, the command tasks.
+
+Importing this module registers the nine command tasks (`app.tasks["tags.create"]` works
+without a worker) and makes kombu's Redis URLs use worker/transport.py's transport.
+"""
 
 from __future__ import annotations
 
 import logging
-import reprlib
+import warnings
 from typing import Any
 
+import click
 from celery import Celery, signals
-from celery.worker.request import Request
+from celery.exceptions import CPendingDeprecationWarning
 from kombu.entity import Queue
 
-from worker import db
+from worker import db, transport
 from worker.config import NoServerError, Settings, broker_url, get_settings, result_backend_url
-from worker.security import redact
-from worker.transport import transport_for, unacked_mutex_expire
+
+# Before any connection is made: every redis:// (and sentinel://) URL gets the batch channel.
+transport.register()
+# Celery warns, at every lost broker connection, that it will one day cancel running tasks
+# then: not this worker's concern (pool processes acknowledge on connections of their own).
+warnings.filterwarnings("ignore", message=r"\s*In Celery 5.1 we introduced an optional",
+                        category=CPendingDeprecationWarning)
 
 logger = logging.getLogger(__name__)
 
 TASK_MODULES = ["tasks.users", "tasks.posts", "tasks.tags"]
-_repr = reprlib.Repr()
-_repr.maxstring = 200
-_repr.maxother = 200
-_repr.maxlevel = 4
-
-
-def safe_repr(value: Any) -> str:
-    """A short repr of `value` with every secret replaced: for logs, events and Flower."""
-    return _repr.repr(redact(value))
-
-
-class RedactingRequest(Request):
-    """A task request whose argument reprs come from the body with secrets removed.
-
-    Producers put `argsrepr`/`kwargsrepr` headers in plain text; the worker's logs, events
-    (and so Flower) show them, so they are rebuilt here rather than trusted.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        payload = self._Request__payload
-        if isinstance(payload, list | tuple) and len(payload) >= 2:
-            self._argsrepr = safe_repr(payload[0])
-            self._kwargsrepr = safe_repr(payload[1])
-        else:
-            self._argsrepr = self._kwargsrepr = "<undecoded>"
-        self._request_dict["argsrepr"] = self._argsrepr
-        self._request_dict["kwargsrepr"] = self._kwargsrepr
+#: Commands taken from the queue at once, at most (`celery worker --batch-size`).
+DEFAULT_BATCH_SIZE = 100
 
 
 def _urls(settings: Settings) -> tuple[str | None, str | None]:
@@ -61,9 +45,6 @@ def configure(app: Celery, settings: Settings) -> None:
     queue = settings.commands_queue
     app.conf.update(
         broker_url=broker or "memory://",
-        # The atomic fetch; "memory://" (eager tests, no broker) keeps kombu's own transport.
-        broker_transport=transport_for(broker) if broker else None,
-        worker_consumer="worker.intake:Consumer",
         result_backend=backend or "cache+memory://",
         task_serializer="json",
         result_serializer="json",
@@ -76,21 +57,20 @@ def configure(app: Celery, settings: Settings) -> None:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
+        # Batch jobs in flight per pool process: one applied, one ready to follow.
+        worker_prefetch_multiplier=2,
+        worker_batch_size=DEFAULT_BATCH_SIZE,
         worker_send_task_events=True,
         task_send_sent_event=True,
         result_expires=settings.result_expires,
         result_extended=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Pool processes acknowledge on connections of their own: a lost consumer connection
+        # leaves their batches to finish.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout,
-            "max_message_bytes": settings.max_payload_bytes,
-            # Look for the messages of dead workers often, not every 100 s.
-            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
-            "unacked_restore_throttle": 1,
-            "unacked_mutex_expire": unacked_mutex_expire(settings.broker_visibility_timeout),
             "socket_timeout": 10,
             "socket_connect_timeout": 10,
             "socket_keepalive": True,
@@ -113,6 +93,9 @@ def configure(app: Celery, settings: Settings) -> None:
 
 app = Celery("worker", include=TASK_MODULES)
 configure(app, get_settings())
+app.user_options["worker"].add(click.Option(
+    ["--batch-size"], type=click.IntRange(1, 1000), default=None,
+    help=f"Commands taken from the queue at once, at most (default {DEFAULT_BATCH_SIZE})."))
 
 
 @signals.worker_init.connect
@@ -120,13 +103,6 @@ def _refuse_without_broker(**_: Any) -> None:
     reason = app.conf.get("worker_unconfigured_reason")
     if reason:
         raise SystemExit(f"error: {reason}; set BROKER_URL and DATABASE_URL")
-
-
-@signals.worker_init.connect
-def _record_quarantined_messages(**_: Any) -> None:
-    from worker import intake, transport
-
-    transport.set_quarantine_handler(intake.record_queue_item)
 
 
 @signals.worker_process_init.connect
@@ -139,3 +115,14 @@ def _new_pool_after_fork(**_: Any) -> None:
     # What exists now lives as long as the child: out of the collector's full collections.
     gc.collect()
     gc.freeze()
+
+
+def _install() -> None:
+    from worker.node import BatchIntake
+
+    app.steps["consumer"].add(BatchIntake)
+    # Registered on import, not only when a worker starts: eager tests find them in app.tasks.
+    app.loader.import_default_modules()
+
+
+_install()

@@ -128,9 +128,8 @@ def run(
     migrate: Annotated[bool, typer.Option(
         "--migrate/--no-migrate", help="Apply migrations first (else refuse an old schema).")
     ] = True,
-    concurrency: Annotated[int, typer.Option(help="Consumer processes.")] = os.cpu_count() or 2,
-    batch_size: Annotated[int, typer.Option(help="Commands per transaction (batch).")] = 100,
-    consumer: Annotated[str, typer.Option(help="batch (fast) or celery.")] = "batch",
+    concurrency: Annotated[int, typer.Option(help="Pool processes.")] = os.cpu_count() or 2,
+    batch_size: Annotated[int, typer.Option(help="Commands taken at once, at most.")] = 100,
 ) -> None:
     """Run the worker (and Flower when FLOWER_BASIC_AUTH is set) until Ctrl-C.
 
@@ -140,11 +139,9 @@ def run(
     from worker.runner import RunError
     from worker.runner import run as run_worker
 
-    if consumer not in ("batch", "celery"):
-        raise fail("--consumer is batch or celery", 2)
     try:
         code = run_worker(get_settings(), apply_migrations=migrate, concurrency=concurrency,
-                          batch_size=batch_size, consumer=consumer, console=console)
+                          batch_size=batch_size, console=console)
     except RunError as error:
         raise fail(str(error), CONFIG) from None
     raise typer.Exit(code)
@@ -152,15 +149,16 @@ def run(
 
 @app.command()
 def consume(
-    concurrency: Annotated[int, typer.Option(help="Consumer processes.")] = os.cpu_count() or 2,
-    batch_size: Annotated[int, typer.Option(help="Commands per transaction (batch).")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Pool processes.")] = os.cpu_count() or 2,
+    batch_size: Annotated[int, typer.Option(help="Commands taken at once, at most.")] = 100,
     events: Annotated[bool, typer.Option("--events/--no-events",
                                          help="Send task events (Flower).")] = True,
 ) -> None:
-    """Run only the batch consumer against DATABASE_URL and BROKER_URL (no migrations)."""
-    import logging
+    """Run the worker node against DATABASE_URL and BROKER_URL (no migrations).
 
-    from worker.batch import consume as consume_forever
+    The same as `celery -A worker.celery_app worker -Q $COMMANDS_QUEUE -c N --batch-size N
+    -E`: any other Celery worker option can be given that way instead.
+    """
     from worker.config import broker_url, database_url
 
     try:
@@ -168,8 +166,11 @@ def consume(
         broker_url()
     except NoServerError as error:
         raise fail(str(error), CONFIG) from None
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
-    raise typer.Exit(consume_forever(concurrency, batch_size, events))
+    from worker.celery_app import app as celery_app
+    from worker.runner import worker_arguments
+
+    celery_app.worker_main(worker_arguments(concurrency, batch_size, get_settings().commands_queue,
+                                            events=events))
 
 
 @app.command()
@@ -189,7 +190,7 @@ def migrate() -> None:
     console.print("The schema is at the head revision.")
 
 
-# The worker events that say a consumer is alive (the batch consumer sends a heartbeat every 2 s).
+# The worker events that say a node is alive (a Celery worker sends a heartbeat every 2 s).
 LIVENESS_EVENTS = ("worker-heartbeat", "worker-online")
 
 
@@ -200,7 +201,7 @@ def consumer_heard(pattern: str, timeout: float) -> str | None:
     Celery's receiver counts its own `timeout` as seconds without *any* event, restarted by
     each one, and ends by raising socket.timeout: a deadline for the whole wait is kept here,
     checked at every turn of its loop (a turn waits at most about a second). No wakeup
-    broadcast is sent: the batch consumer answers no remote control.
+    broadcast is sent: the check only listens, and leaves nothing behind in Redis.
     """
     from worker.celery_app import app as celery_app
 
@@ -239,8 +240,8 @@ def check(
     consumer: Annotated[bool, typer.Option(
         "--consumer", help="Also wait for a heartbeat from a running consumer.")] = False,
     hostname: Annotated[str | None, typer.Option(
-        help="With --consumer: the consumer's hostname, an fnmatch pattern (default: "
-             "batch-*@ and this host's name, as the batch consumer names itself).",
+        help="With --consumer: the worker's node name, an fnmatch pattern (default: "
+             "*@ and this host's name).",
         show_default=False)] = None,
     timeout: Annotated[float | None, typer.Option(
         help="With --consumer: seconds to wait for the heartbeat (default: 10).", min=0.1,
@@ -249,8 +250,8 @@ def check(
     """Check the database, the schema revision and the broker, printing each.
 
     With --consumer, also wait for a worker-heartbeat (or worker-online) event
-    from a consumer whose hostname matches --hostname (the batch consumer sends
-    one every 2 s). Exit 0 when all are right, 1 when one is unreachable, the
+    from a worker node whose name matches --hostname (a node sends one every
+    2 s). Exit 0 when all are right, 1 when one is unreachable, the
     schema is not at head or no heartbeat came, 3 when no URL is set and no
     `run` serves this directory.
     """
@@ -261,7 +262,7 @@ def check(
 
     if not consumer and (hostname is not None or timeout is not None):
         raise fail("--hostname and --timeout go with --consumer", 2)
-    pattern = hostname if hostname is not None else f"batch-*@{socket.gethostname()}"
+    pattern = hostname if hostname is not None else f"*@{socket.gethostname()}"
     wait = timeout if timeout is not None else 10.0
     results: dict[str, str] = {}
     code = 0

@@ -1,83 +1,50 @@
-"""The Celery side of a command: a task applies a batch of one through worker/apply.py."""
+"""The command tasks: what Celery knows of each command (its name, `.delay()`, its tracer).
+
+A worker node never runs these bodies message by message: it applies commands in batches
+(worker/batch.py). The body runs in two cases, with the same engine:
+
+- eagerly (`task_always_eager`, `task.apply()`): it applies its command as a batch of one;
+- under Celery's tracer, for a command the batch already settled that carries callbacks,
+  errbacks, a chain or a chord: it returns (or raises) the settled outcome, and the tracer
+  stores it and runs the canvas exactly as Celery does.
+"""
 
 from __future__ import annotations
 
-import logging
-import random
 from typing import Any
 
 import celery
-from celery.exceptions import Reject
-from sqlalchemy import exc as sa_exc
 
 from worker import apply
-from worker.celery_app import RedactingRequest, app
-from worker.config import get_settings
+from worker.celery_app import app
 from worker.errors import CommandRejected
-from worker.transport import DELIVERY_COUNT_HEADER
 
-logger = logging.getLogger(__name__)
+#: Outcomes settled by a batch, by task id, for Celery's tracer to report (worker/batch.py).
+SETTLED: dict[str, apply.Command] = {}
 
 
 class CommandTask(celery.Task):
-    """Base of every command task: acks after commit, redelivers work of a dead worker."""
+    """Base of every command task."""
 
-    Request = RedactingRequest
-    acks_late = True
-    reject_on_worker_lost = True
-    # Rejections are outcomes, not crashes: log them without a traceback.
+    # Rejections are outcomes, not crashes: logged without a traceback.
     throws = (CommandRejected,)
     typing = False
-
-
-def retry_delay(retries: int) -> float:
-    """Exponential backoff with jitter, capped by the settings."""
-    ceiling = min(get_settings().retry_backoff_max, 0.1 * 2**retries)
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+    acks_late = True
 
 
 def execute(task: CommandTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Apply one command; return its result, or raise its rejection (already dead-lettered)."""
-    command = apply.Command(
-        task=task.name, task_id=task.request.id, kwargs=kwargs, args=list(args),
-        deliveries=int(getattr(task.request, DELIVERY_COUNT_HEADER, None) or 1),
-    )
-    try:
-        apply.run_batch([command])
-    except sa_exc.SQLAlchemyError as error:
-        if not apply.is_transient(error):
-            raise _redeliver(error) from error
-        retries = task.request.retries
-        if retries < get_settings().max_retries:
-            logger.warning("transient fault in %s, retrying: %s", task.name,
-                           type(error).__name__)
-            raise task.retry(countdown=retry_delay(retries),
-                             max_retries=get_settings().max_retries, exc=error) from None
-        try:
-            apply.record_exhausted(command, f"gave up after {retries} retries: "
-                                            f"{type(error).__name__}")
-        except sa_exc.SQLAlchemyError as still_down:
-            # Not recorded yet: keep the command until the database is back.
-            raise task.retry(countdown=get_settings().retry_backoff_max, max_retries=None,
-                             exc=still_down) from None
-    except CommandRejected:
-        raise
-    except Exception as error:
-        raise _redeliver(error) from error
+    """The command's result, or its rejection raised (already dead-lettered)."""
+    command = SETTLED.pop(task.request.id, None) if task.request.id else None
+    if command is None:
+        from worker.batch import apply_commands
+
+        command = apply.Command(task=task.name, task_id=task.request.id or "", kwargs=kwargs,
+                                args=list(args))
+        apply_commands([command])
     if command.rejection is not None:
         raise command.rejection
     assert command.result is not None
     return command.result
-
-
-def _redeliver(error: Exception) -> Reject:
-    """A bug, not a fault of the input: back on the queue, counted, never silently dropped.
-
-    After MAX_DELIVERIES such deliveries the command becomes a `retries_exhausted` dead letter.
-    """
-    logger.error("unexpected %s; the command goes back on the queue", type(error).__name__,
-                 exc_info=error)
-    return Reject(repr(error), requeue=True)
 
 
 def command_task(name: str) -> CommandTask:

@@ -1,11 +1,21 @@
-"""Celery protocol 2 messages as kombu's Redis transport stores them: encode and decode."""
+"""Celery protocol-2 messages as kombu's Redis transport stores them: encode and decode.
+
+Decoding is total: whatever bytes a queue item holds, `decode` returns a `Message` or raises
+`UndecodableMessage` with a reason that never quotes the input, and nothing else.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import bz2
 import json
+import lzma
 import uuid
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -13,6 +23,19 @@ import orjson
 from worker.security import redact
 
 JSON = "application/json"
+#: Nesting deeper than this in args or kwargs is refused (`invalid`): no command needs more
+#: than a few levels, and every later step (validation, repr, storage) walks the value.
+MAX_DEPTH = 32
+
+# kombu's compression names (`kombu.compression`) and the decompressors that honour a limit.
+_DECOMPRESSORS: dict[str, Callable[[], Any]] = {
+    "application/x-gzip": lambda: zlib.decompressobj(),
+    "zlib": lambda: zlib.decompressobj(),
+    "application/x-bz2": lambda: bz2.BZ2Decompressor(),
+    "bzip2": lambda: bz2.BZ2Decompressor(),
+    "application/x-lzma": lambda: lzma.LZMADecompressor(),
+    "lzma": lambda: lzma.LZMADecompressor(),
+}
 
 
 def encode(
@@ -22,11 +45,14 @@ def encode(
     queue: str = "commands",
     task_id: str | None = None,
     args: list[Any] | None = None,
+    headers: dict[str, Any] | None = None,
+    embed: dict[str, Any] | None = None,
+    priority: int = 0,
 ) -> bytes:
     """A message as `send_task` would put it on the queue list (secrets left out of reprs)."""
     task_id = task_id or str(uuid.uuid4())
-    body = json.dumps([args or [], kwargs, {"callbacks": None, "errbacks": None,
-                                            "chain": None, "chord": None}])
+    body = json.dumps([args or [], kwargs, embed or {"callbacks": None, "errbacks": None,
+                                                      "chain": None, "chord": None}])
     envelope = {
         "body": base64.b64encode(body.encode()).decode(),
         "content-encoding": "utf-8",
@@ -36,11 +62,11 @@ def encode(
             "expires": None, "group": None, "group_index": None, "retries": 0,
             "timelimit": [None, None], "root_id": task_id, "parent_id": None,
             "argsrepr": repr(redact(args or [])), "kwargsrepr": repr(redact(kwargs)),
-            "origin": "worker.protocol", "ignore_result": False,
+            "origin": "worker.protocol", "ignore_result": False, **(headers or {}),
         },
         "properties": {
             "correlation_id": task_id, "reply_to": None, "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": priority,
             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
         },
     }
@@ -52,6 +78,7 @@ def loads(raw: bytes | str) -> Any:
 
     orjson refuses some JSON that the standard library reads (NaN, integers beyond 64 bits,
     lone surrogates): those take the slow path, so what a message means never depends on it.
+    Raises ValueError for anything that is not JSON, however deeply nested.
     """
     try:
         return orjson.loads(raw)
@@ -61,48 +88,204 @@ def loads(raw: bytes | str) -> Any:
         except RecursionError:
             # Nested deeper than the interpreter's stack: not a message, whatever it is.
             raise ValueError("JSON nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
 
 
 class UndecodableMessage(ValueError):
-    """A queue item that is not a JSON Celery protocol-2 message."""
+    """A queue item that is not a JSON Celery protocol-2 message (the reason never quotes it)."""
 
 
 @dataclass(frozen=True)
 class Message:
     """A decoded command message."""
 
-    task_id: str
+    task_id: str | None
     task: str
     args: list[Any]
     kwargs: dict[str, Any]
-    delivery_tag: str
     headers: dict[str, Any]
+    properties: dict[str, Any]
+    #: The body's third element: callbacks, errbacks, chain and chord (canvas).
+    embed: dict[str, Any] = field(default_factory=dict)
 
 
-def decode(raw: bytes | str) -> Message:
-    """The message in `raw`, or `UndecodableMessage` saying why it is not one (never unpickles)."""
+def _decompress(body: bytes, method: str, limit: int) -> bytes:
+    factory = _DECOMPRESSORS.get(method)
+    if factory is None:
+        raise UndecodableMessage(f"compression {method[:100]!r} is not accepted")
+    decompressor = factory()
+    try:
+        # Never more than the size limit out of it, however small the input: no bomb gets in.
+        out: bytes = decompressor.decompress(body, limit + 1)
+    except (OSError, ValueError, EOFError, lzma.LZMAError, zlib.error):
+        raise UndecodableMessage("the compressed body is corrupt") from None
+    if len(out) > limit:
+        raise OverLimit(f"its body decompresses to more than the limit of {limit} bytes")
+    if not getattr(decompressor, "eof", True):
+        raise UndecodableMessage("the compressed body is truncated")
+    return out
+
+
+class OverLimit(UndecodableMessage):
+    """A message over the size limit once decompressed (a rejection of its own: `invalid`)."""
+
+
+def decode(raw: bytes, limit: int = 1 << 20) -> Message:
+    """The message in `raw`, or `UndecodableMessage` saying why it is not one (never unpickles).
+
+    `limit` bounds the body once decoded and decompressed (an `OverLimit` beyond it).
+    """
     try:
         envelope = loads(raw)
-        if not isinstance(envelope, dict):
-            raise UndecodableMessage("the queue item is not a JSON object")
-        content_type = envelope.get("content-type")
-        if content_type != JSON:
-            raise UndecodableMessage(f"content type {content_type!r} is not accepted")
-        properties, headers = envelope["properties"], envelope["headers"]
-        body = envelope["body"]
-        if properties.get("body_encoding") == "base64":
-            body = base64.b64decode(body, validate=True)
-        payload = loads(body)
-        if not (isinstance(payload, list) and len(payload) >= 2):
-            raise UndecodableMessage("the body is not [args, kwargs, embed]")
-        args, kwargs = payload[0], payload[1]
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise UndecodableMessage("args must be a list and kwargs an object")
-        return Message(
-            task_id=str(headers["id"]), task=str(headers["task"]), args=args, kwargs=kwargs,
-            delivery_tag=str(properties["delivery_tag"]), headers=headers,
-        )
-    except UndecodableMessage:
-        raise
-    except (ValueError, KeyError, TypeError) as error:
-        raise UndecodableMessage(f"not a Celery protocol-2 JSON message: {error}") from None
+    except ValueError:
+        raise UndecodableMessage("the queue item is not JSON") from None
+    if not isinstance(envelope, dict):
+        raise UndecodableMessage("the queue item is not a JSON object")
+    content_type = envelope.get("content-type")
+    if content_type != JSON:
+        shown = content_type[:100] if isinstance(content_type, str) else content_type
+        raise UndecodableMessage(f"content type {shown!r} is not accepted "
+                                 "(only application/json)")
+    headers, properties = envelope.get("headers"), envelope.get("properties")
+    if not isinstance(headers, dict) or not isinstance(properties, dict):
+        raise UndecodableMessage("the envelope's headers and properties must be objects")
+    task = headers.get("task")
+    if not isinstance(task, str):
+        raise UndecodableMessage("not a Celery protocol-2 message (no task header)")
+    body = envelope.get("body")
+    if not isinstance(body, str):
+        raise UndecodableMessage("the body is not a string")
+    encoding = properties.get("body_encoding")
+    try:
+        if encoding == "base64":
+            data = base64.b64decode(body, validate=True)
+        elif encoding in (None, "utf-8", "utf8"):
+            data = body.encode("utf-8", errors="surrogatepass")
+        else:
+            raise UndecodableMessage("body encoding is not base64 or utf-8")
+    except (binascii.Error, ValueError) as error:
+        if isinstance(error, UndecodableMessage):
+            raise
+        raise UndecodableMessage("the body is not valid base64") from None
+    compression = headers.get("compression")
+    if compression is not None:
+        if not isinstance(compression, str):
+            raise UndecodableMessage("the compression header is not a string")
+        data = _decompress(data, compression, limit)
+    elif len(data) > limit:
+        raise OverLimit(f"its body of {len(data)} bytes exceeds the limit of {limit} bytes")
+    try:
+        payload = loads(data)
+    except ValueError:
+        raise UndecodableMessage("the body is not JSON") from None
+    if not (isinstance(payload, list) and len(payload) == 3):
+        raise UndecodableMessage("the body is not [args, kwargs, embed]")
+    args, kwargs, embed = payload
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise UndecodableMessage("args must be a list and kwargs an object")
+    if embed is not None and not isinstance(embed, dict):
+        raise UndecodableMessage("the body's third element must be an object")
+    task_id = headers.get("id")
+    return Message(task_id=task_id if isinstance(task_id, str) else None, task=task,
+                   args=args, kwargs=kwargs, headers=headers, properties=properties,
+                   embed=embed or {})
+
+
+def depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (0 for a scalar); iterative, any depth."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            items: Any = item.values()
+        elif isinstance(item, list | tuple):
+            items = item
+        else:
+            continue
+        level += 1
+        deepest = max(deepest, level)
+        stack.extend((child, level) for child in items)
+    return deepest
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An `eta` or `expires` header as an aware datetime (naive means UTC); None when absent.
+
+    Raises ValueError for anything that is not an ISO 8601 date and time.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError("not an ISO 8601 date and time")
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the node reads of a message before handing it to a pool process (best effort)."""
+
+    task_id: str | None = None
+    task: str | None = None
+    eta: datetime | None = None
+    expires: datetime | None = None
+    time_limits: tuple[float | None, float | None] = (None, None)
+
+
+def _limits(value: Any) -> tuple[float | None, float | None]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None, None
+    return tuple(  # type: ignore[return-value]
+        float(item) if isinstance(item, int | float) and not isinstance(item, bool)
+        and 0 < item < 1e9 else None for item in value)
+
+
+def head(raw: bytes) -> Head:
+    """The task id, name, eta, expiry and time limits of a message, or an empty `Head`.
+
+    Never raises: a message whose headers cannot be read is left for `decode` to refuse.
+    """
+    try:
+        envelope = orjson.loads(raw)
+        headers = envelope["headers"]
+        task_id, task = headers.get("id"), headers.get("task")
+        try:
+            eta = parse_time(headers.get("eta"))
+        except ValueError:
+            eta = None
+        try:
+            expires = parse_time(headers.get("expires"))
+        except ValueError:
+            expires = None
+        return Head(task_id if isinstance(task_id, str) else None,
+                    task if isinstance(task, str) else None, eta, expires,
+                    _limits(headers.get("timelimit")))
+    except Exception:
+        return Head()
+
+
+def identity(raw: bytes | None, tail: bytes = b"") -> tuple[str | None, str | None]:
+    """(task id, task name) of a message that cannot be decoded, as far as they can be read.
+
+    From the envelope when it is JSON; else from `tail`, the end of an over-size item, where
+    kombu writes the headers (`{"body": ..., "headers": {...}, "properties": {...}}`).
+    """
+    candidates: list[bytes] = []
+    if raw is not None:
+        candidates.append(raw)
+    if tail:
+        start = tail.rfind(b'"headers"')
+        if start != -1:
+            candidates.append(b"{" + tail[start:])
+    for candidate in candidates:
+        try:
+            envelope = loads(candidate)
+            headers = envelope["headers"]
+            task_id, task = headers.get("id"), headers.get("task")
+        except Exception:  # noqa: S112 - best effort: the next candidate, or none
+            continue
+        return (task_id if isinstance(task_id, str) else None,
+                task if isinstance(task, str) else None)
+    return None, None

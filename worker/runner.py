@@ -178,13 +178,17 @@ def _safe(url: str) -> str:
         return url.split("@")[-1]
 
 
-def consumer_command(kind: str, concurrency: int, batch_size: int, queue: str) -> list[str]:
-    """The command line of the consumer `run` starts."""
-    if kind == "celery":
-        return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                "-Q", queue, "-c", str(concurrency), "-E", "--loglevel", "INFO"]
-    return [sys.executable, "-m", "worker.batch", "--concurrency", str(concurrency),
-            "--batch-size", str(batch_size)]
+def worker_arguments(concurrency: int, batch_size: int, queue: str,
+                     events: bool = True) -> list[str]:
+    """The `celery worker` arguments of the node `run` and `consume` start."""
+    return ["worker", "-Q", queue, "-c", str(concurrency), "--batch-size", str(batch_size),
+            *(["-E"] if events else []), "--loglevel", "INFO"]
+
+
+def worker_command(concurrency: int, batch_size: int, queue: str) -> list[str]:
+    """The command line of the worker node `run` starts."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app",
+            *worker_arguments(concurrency, batch_size, queue)]
 
 
 def flower_command(settings: Settings) -> list[str]:
@@ -204,7 +208,7 @@ def child_environment(settings: Settings, used: Servers) -> dict[str, str]:
 
 
 def run(settings: Settings, *, apply_migrations: bool, concurrency: int, batch_size: int,
-        consumer: str, console: Console) -> int:
+        console: Console) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean stop."""
     stopping = False
 
@@ -230,7 +234,7 @@ def run(settings: Settings, *, apply_migrations: bool, concurrency: int, batch_s
             # Children run in this directory, so they read the same `.env`; their own
             # session keeps the terminal's Ctrl-C from reaching them before we stop them.
             children.append(("worker", subprocess.Popen(
-                consumer_command(consumer, concurrency, batch_size, settings.commands_queue),
+                worker_command(concurrency, batch_size, settings.commands_queue),
                 env=env, start_new_session=True)))
             flower = ""
             if settings.flower_basic_auth:
@@ -239,8 +243,7 @@ def run(settings: Settings, *, apply_migrations: bool, concurrency: int, batch_s
                     flower_command(settings), env=env, start_new_session=True,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             console.print(Panel.fit(
-                f"[bold]command-worker is running[/] ({consumer} consumer, {concurrency} "
-                f"processes)\n"
+                f"[bold]command-worker is running[/] ({concurrency} pool processes)\n"
                 f"PostgreSQL: {_safe(used.database_url)}\nRedis:      {_safe(used.broker_url)}"
                 f" (queue [bold]{settings.commands_queue}[/])\n"
                 + (f"Data:       {Path(settings.data_dir).resolve()}\n" if used.embedded else "")

@@ -52,3 +52,13 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value
+
+
+def safe_repr(value: Any, limit: int = 200) -> str:
+    """A short repr of `value` with every secret replaced: for logs, events and Flower."""
+    import reprlib
+
+    shortened = reprlib.Repr()
+    shortened.maxstring = shortened.maxother = limit
+    shortened.maxlevel = 4
+    return shortened.repr(redact(value))

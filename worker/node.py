@@ -1,0 +1,498 @@
+"""The worker node's intake: Celery's consumer, taking the command queues in batches.
+
+`celery -A worker.celery_app worker` is a stock Celery worker (remote control, events,
+heartbeats, mingle, gossip, autoscale, Flower) with one consumer bootstep added,
+`BatchIntake`. Instead of one kombu delivery per message, the node waits for a queue, takes a
+batch atomically into the queue's unacknowledged set (worker/broker.py), and decides per
+message, as Celery's consumer would:
+
+- revoked (`celery.worker.state.revoked`, fed by `revoke` broadcasts, mingle and --statedb)
+  or expired: not applied, reported REVOKED;
+- an eta or countdown in the future, or over its task's rate limit: parked in the queue's
+  delayed set until due (not held unacknowledged, so no visibility timeout redelivers it);
+- otherwise handed to the pool: a batch as one job (worker/batch.py), or alone when it was
+  delivered before (so that a message that kills its pool process takes no batch-mates with
+  it) or carries a time limit.
+
+Each message is a request in Celery's worker state, so `inspect active/reserved/scheduled/
+query_task`, `stats`, heartbeats and autoscale see commands, not batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import bootsteps
+from celery.exceptions import TimeLimitExceeded
+from celery.worker import state as worker_state
+
+from worker import batch, protocol
+from worker.broker import Parked, QueueKeys, Scripts, Taken, parked_member
+from worker.config import get_settings
+from worker.security import safe_repr
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between looks at the delayed sets for messages other nodes parked.
+PROMOTE_INTERVAL = 1.0
+
+
+class CommandRequest:
+    """One message taken by the node, as Celery's worker state and inspect replies see it."""
+
+    __slots__ = ("__weakref__", "_hostname", "delivery_info", "eventer", "id", "job", "message",
+                 "name", "task", "time_start", "type", "worker_pid")
+
+    acknowledged = False
+
+    def __init__(self, message: Taken, head: protocol.Head, hostname: str, app: Any) -> None:
+        self.message = message
+        self.id = head.task_id
+        self.name = self.type = head.task or "(undecodable)"
+        self.task = app.tasks.get(head.task) if head.task else None
+        self._hostname = hostname
+        self.delivery_info = {"exchange": "", "routing_key": message.queue, "priority": None,
+                              "redelivered": message.deliveries > 1}
+        self.time_start: float | None = None
+        self.worker_pid: int | None = None
+        self.job: int | None = None
+        #: Set by Celery's Events step on reconnect; events come from the pool processes.
+        self.eventer: Any = None
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        """What `inspect active/reserved/scheduled` show: arguments with secrets removed."""
+        args: Any = "<undecoded>"
+        kwargs: Any = "<undecoded>"
+        if self.message.raw is not None:
+            try:
+                decoded = protocol.decode(self.message.raw, len(self.message.raw) * 64)
+                args, kwargs = safe_repr(decoded.args), safe_repr(decoded.kwargs)
+            except protocol.UndecodableMessage:
+                pass
+        return {"id": self.id, "name": self.name, "args": args, "kwargs": kwargs,
+                "type": self.type, "hostname": self._hostname, "time_start": self.time_start,
+                "acknowledged": False, "delivery_info": self.delivery_info,
+                "worker_pid": self.worker_pid}
+
+    def terminate(self, pool: Any, signal: Any = None) -> None:
+        """Terminate the pool process applying this message (and so its whole batch).
+
+        The batch rolls back; its other messages go back on the queue and are applied each
+        alone; this one, revoked, is then reported REVOKED.
+        """
+        if self.worker_pid is not None:
+            pool.terminate_job(self.worker_pid, signal)
+
+    def cancel(self, pool: Any, emit_retry: bool = True) -> None:
+        """Nothing to cancel on a lost connection: pool processes acknowledge on their own."""
+
+    def humaninfo(self) -> str:
+        return f"{self.name}[{self.id}]"
+
+    def __str__(self) -> str:
+        return self.humaninfo()
+
+
+class Dispatched:
+    """A job handed to the pool, the requests it carries, and the pool's handle on it."""
+
+    __slots__ = ("accepted", "job", "requests", "result")
+
+    def __init__(self, job: batch.Job, requests: list[CommandRequest]) -> None:
+        self.job = job
+        self.requests = requests
+        self.accepted = False
+        self.result: Any = None
+
+    def discarded(self) -> bool:
+        """Whether the pool dropped the job unrun (billiard's flush, on a lost connection)."""
+        result = self.result
+        cache = getattr(result, "_cache", None)
+        return (cache is not None and not self.accepted and not result.ready()
+                and result._job not in cache)
+
+
+class Intake:
+    """Takes batches for the pool, decides per message, and keeps Celery's worker state."""
+
+    def __init__(self, consumer: Any, batch_size: int | None = None) -> None:
+        self.c = consumer
+        self.app = consumer.app
+        settings = get_settings()
+        self.batch_size = int(batch_size or self.app.conf.get("worker_batch_size") or 100)
+        self.max_bytes = settings.max_payload_bytes
+        self.visibility_timeout = settings.broker_visibility_timeout
+        steps = self.app.conf.broker_transport_options.get("priority_steps")
+        self.priority_steps = tuple(steps) if steps else QueueKeys("").priority_steps
+        self.scripts: Scripts | None = None
+        self.keys: dict[str, QueueKeys] = {}
+        self.in_flight: dict[int, Dispatched] = {}
+        self.accepting = False
+        self._next_job = 0
+        self._promote_timer: Any = None
+        self._main_thread = threading.get_ident()
+
+    # --- wiring -----------------------------------------------------------------------------
+
+    def attach(self, channel: Any) -> None:
+        """Take over the task consumer's channel (after every connect)."""
+        self.scripts = Scripts(channel.scripts_client())
+        channel.intake = self
+        self.accepting = True
+
+    def detach(self) -> None:
+        self.accepting = False
+
+    def queue_keys(self, queue: str) -> QueueKeys:
+        keys = self.keys.get(queue)
+        if keys is None:
+            keys = self.keys[queue] = QueueKeys(queue, self.priority_steps)
+        return keys
+
+    def consumed_queues(self) -> list[str]:
+        consumer = self.c.task_consumer
+        if consumer is None:
+            return []
+        return [queue.name for queue in consumer.queues]
+
+    def limit(self) -> int:
+        """Jobs in flight at most: the prefetch count (processes x worker_prefetch_multiplier)."""
+        qos = self.c.qos
+        value = qos.value if qos is not None else 0
+        return max(1, int(value or self.c.pool.num_processes or 1))
+
+    def has_capacity(self) -> bool:
+        return self.accepting and len(self.in_flight) < self.limit()
+
+    # --- taking -----------------------------------------------------------------------------
+
+    def take(self, queue: str) -> bool:
+        """Take a batch from `queue` and hand it on; whether anything was taken."""
+        if self.scripts is None or not self.has_capacity():
+            return False
+        keys = self.queue_keys(queue)
+        taken = self.scripts.take(keys, self.batch_size,
+                                  max(1, self.c.pool.num_processes or 1), self.max_bytes)
+        if taken:
+            self.receive(keys, taken)
+        return bool(taken)
+
+    def receive(self, keys: QueueKeys, taken: list[Taken]) -> None:
+        """Decide per message: report revoked, park delayed, hand the rest to the pool."""
+        now = time.time()
+        revoked = worker_state.revoked
+        together: list[tuple[batch.Received, protocol.Head]] = []
+        alone: list[tuple[batch.Received, protocol.Head]] = []
+        parked: list[tuple[Parked, protocol.Head, Taken]] = []
+        buckets = self.c.task_buckets
+        for message in taken:
+            head = protocol.head(message.raw) if message.raw is not None else protocol.Head()
+            verdict = batch.APPLY
+            if head.task_id is not None and head.task_id in revoked:
+                verdict = batch.REVOKED
+            elif head.expires is not None and head.expires.timestamp() <= now:
+                verdict = batch.EXPIRED
+            elif head.eta is not None and head.eta.timestamp() > now:
+                parked.append((Parked(message.tag, message.digest, head.eta.timestamp(),
+                                      parked_member(self.c.hostname, message.tag)),
+                               head, message))
+                continue
+            elif head.task is not None and not self.c.disable_rate_limits:
+                bucket = buckets.get(head.task)
+                if bucket is not None and not bucket.can_consume(1):
+                    due = now + bucket.expected_time(1) + len(parked) / max(bucket.fill_rate,
+                                                                            1e-9)
+                    parked.append((Parked(message.tag, message.digest, due,
+                                          parked_member(self.c.hostname, message.tag)),
+                                   head, message))
+                    continue
+            item = batch.Received(message, now, verdict)
+            if message.deliveries > 1 or self._time_limits(head) != (None, None):
+                alone.append((item, head))
+            else:
+                together.append((item, head))
+        if parked:
+            self._park(keys, parked)
+        if together:
+            self._dispatch(keys, together)
+        for single in alone:
+            self._dispatch(keys, [single], self._time_limits(single[1]))
+
+    def _time_limits(self, head: protocol.Head) -> tuple[float | None, float | None]:
+        """(hard, soft) limits of a message: its own, else its task's (`control time_limit`)."""
+        hard, soft = head.time_limits
+        task = self.app.tasks.get(head.task) if head.task else None
+        if task is not None:
+            hard = hard or task.time_limit
+            soft = soft or task.soft_time_limit
+        if hard and not soft:
+            # A soft limit just short of the hard one: the command is rolled back and
+            # reported (TimeLimitExceeded) instead of its process being killed.
+            soft = max(hard * 0.9, hard - 1.0)
+        return hard, soft
+
+    def _park(self, keys: QueueKeys, parked: list[tuple[Parked, protocol.Head, Taken]]) -> None:
+        assert self.scripts is not None
+        self.scripts.delay(keys, [entry for entry, _, _ in parked])
+        dispatcher = self.c.event_dispatcher
+        if dispatcher is not None and dispatcher.enabled:
+            for _, head, message in parked:
+                if head.task_id is None:
+                    continue
+                fields: dict[str, Any] = {"name": head.task, "eta": head.eta.isoformat()
+                                          if head.eta else None,
+                                          "expires": head.expires.isoformat()
+                                          if head.expires else None}
+                if message.raw is not None:
+                    try:
+                        decoded = protocol.decode(message.raw, self.max_bytes)
+                        fields.update(args=safe_repr(decoded.args),
+                                      kwargs=safe_repr(decoded.kwargs))
+                    except protocol.UndecodableMessage:
+                        pass
+                dispatcher.send("task-received", uuid=head.task_id, **fields)
+        self._schedule_promote(min(entry.due for entry, _, _ in parked))
+
+    def _dispatch(self, keys: QueueKeys, items: list[tuple[batch.Received, protocol.Head]],
+                  limits: tuple[float | None, float | None] = (None, None)) -> None:
+        dispatcher = self.c.event_dispatcher
+        events = bool(dispatcher is not None and dispatcher.enabled
+                      and "task" in (dispatcher.groups or {"task"}))
+        job = batch.Job(keys, self.c.hostname, tuple(item for item, _ in items), events)
+        requests = []
+        for item, head in items:
+            request = CommandRequest(item.message, head, self.c.hostname, self.app)
+            worker_state.task_reserved(request)
+            requests.append(request)
+        self._next_job += 1
+        number = self._next_job
+        dispatched = self.in_flight[number] = Dispatched(job, requests)
+        for request in requests:
+            request.job = number
+        hard, soft = limits
+        dispatched.result = self.c.pool.apply_async(
+            batch.run_job, args=(job,),
+            callback=lambda left: self._soon(self._done, number, left),
+            error_callback=lambda error: self._soon(self._failed, number, error),
+            accept_callback=lambda pid, when: self._soon(self._accepted, number, pid, when),
+            timeout_callback=lambda soft_limit, limit: self._soon(
+                self._timed_out, number, soft_limit, limit),
+            soft_timeout=soft, timeout=hard, correlation_id=requests[0].id,
+        )
+
+    def _soon(self, callback: Any, *args: Any) -> None:
+        """Run a pool callback on the event loop's thread (the threads pool calls from others)."""
+        if threading.get_ident() == self._main_thread or self.c.hub is None:
+            callback(*args)
+        else:
+            self.c.hub.call_soon(callback, *args)
+
+    # --- pool callbacks ---------------------------------------------------------------------
+
+    def _accepted(self, number: int, pid: int, when: float) -> None:
+        dispatched = self.in_flight.get(number)
+        if dispatched is None:
+            return
+        dispatched.accepted = True
+        started = time.time()
+        for request in dispatched.requests:
+            request.worker_pid = pid
+            request.time_start = started
+            worker_state.task_accepted(request)
+
+    def _done(self, number: int, left: Any) -> None:
+        dispatched = self.in_flight.pop(number, None)
+        if dispatched is None:
+            return
+        if not dispatched.accepted:
+            # solo and threads pools may report the result without an accept first.
+            for request in dispatched.requests:
+                worker_state.task_accepted(request)
+        left_tags = set(left) if isinstance(left, tuple | list) else {
+            item.message.tag for item in dispatched.job.items}
+        for request in dispatched.requests:
+            worker_state.task_ready(request, successful=request.message.tag not in left_tags)
+        if left_tags:
+            self._requeue(dispatched.job, [item.message for item in dispatched.job.items
+                                           if item.message.tag in left_tags])
+
+    def _failed(self, number: int, error: Any) -> None:
+        """The pool process died (or was killed) with the job: its messages go back, counted."""
+        dispatched = self.in_flight.pop(number, None)
+        if dispatched is None:
+            return
+        logger.error("a pool process was lost while applying %r (%s); its messages go back on "
+                     "the queue, each to be applied alone", dispatched.job,
+                     getattr(error, "exception", error).__class__.__name__)
+        for request in dispatched.requests:
+            worker_state.task_ready(request)
+        self._requeue(dispatched.job, [item.message for item in dispatched.job.items])
+
+    def _timed_out(self, number: int, soft: bool, limit: float) -> None:
+        dispatched = self.in_flight.get(number)
+        if dispatched is None:
+            return
+        logger.warning("%r exceeded its %s time limit of %.3g s", dispatched.job,
+                       "soft" if soft else "hard", limit)
+        if not soft:
+            # The process is killed: like any lost process, its messages go back (counted),
+            # and one that keeps exceeding the limit is dead-lettered after MAX_DELIVERIES.
+            self._failed(number, TimeLimitExceeded(limit))
+
+    def _requeue(self, job: batch.Job, messages: list[Taken], counted: bool = True) -> None:
+        if self.scripts is None or not messages:
+            return
+        try:
+            self.scripts.requeue(job.keys, messages, counted=counted)
+        except Exception:
+            logger.warning("could not put %d message(s) back yet; they come back after the "
+                           "visibility timeout", len(messages), exc_info=True)
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def restore_visible(self) -> None:
+        """Renew the leases of the messages held here; put back those of nodes gone."""
+        if self.scripts is None:
+            return
+        held: dict[QueueKeys, list[Taken]] = {}
+        for dispatched in self.in_flight.values():
+            held.setdefault(dispatched.job.keys, []).extend(
+                item.message for item in dispatched.job.items)
+        for keys, messages in held.items():
+            try:
+                self.scripts.touch(keys, messages)
+            except Exception:
+                logger.warning("could not renew the lease of %d message(s)", len(messages),
+                               exc_info=True)
+        for queue in self.consumed_queues():
+            try:
+                restored = self.scripts.restore(self.queue_keys(queue), self.visibility_timeout)
+            except Exception:
+                logger.warning("could not look for unacknowledged messages of %r", queue,
+                               exc_info=True)
+                continue
+            if restored:
+                logger.warning("%d message(s) of %r unacknowledged for more than %d s were put "
+                               "back on the queue", restored, queue, self.visibility_timeout)
+
+    def promote(self) -> None:
+        """Move due parked messages back to their queues; wake up again at the next due one."""
+        if self.scripts is None:
+            return
+        soonest: float | None = None
+        for queue in self.consumed_queues():
+            try:
+                _, following = self.scripts.promote(self.queue_keys(queue))
+            except Exception:
+                logger.warning("could not look at the delayed messages of %r", queue,
+                               exc_info=True)
+                continue
+            if following is not None and (soonest is None or following < soonest):
+                soonest = following
+        if soonest is not None:
+            self._schedule_promote(soonest)
+
+    def _schedule_promote(self, due: float) -> None:
+        hub = self.c.hub
+        if hub is None:
+            return
+        delay = max(0.0, due - time.time())
+        if delay >= PROMOTE_INTERVAL:
+            return  # the periodic look will get there
+        if self._promote_timer is not None:
+            self._promote_timer.cancel()
+        self._promote_timer = hub.call_later(delay + 0.001, self.promote)
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def requeue_discarded(self) -> None:
+        """Jobs the pool dropped unrun (it does on every lost connection and at shutdown):
+        their messages go back now, not counted as a delivery."""
+        for number, dispatched in list(self.in_flight.items()):
+            if dispatched.discarded():
+                del self.in_flight[number]
+                for request in dispatched.requests:
+                    worker_state.task_ready(request)
+                self._requeue(dispatched.job, [item.message for item in dispatched.job.items],
+                              counted=False)
+
+    def requeue_unfinished(self) -> None:
+        """After the pool stopped: jobs it never finished go back on the queue now."""
+        for number in list(self.in_flight):
+            dispatched = self.in_flight.pop(number)
+            for request in dispatched.requests:
+                worker_state.task_ready(request)
+            # A job no process accepted ended cleanly; one that was running may have killed it.
+            self._requeue(dispatched.job, [item.message for item in dispatched.job.items],
+                          counted=dispatched.accepted)
+
+    def scheduled(self) -> list[dict[str, Any]]:
+        """`inspect scheduled`: the messages this node parked, soonest first."""
+        if self.scripts is None:
+            return []
+        found = []
+        for queue in self.consumed_queues():
+            for due, raw in self.scripts.parked(self.queue_keys(queue), self.c.hostname):
+                message = Taken(queue, "", 1, "", raw, len(raw))
+                request = CommandRequest(message, protocol.head(raw), self.c.hostname, self.app)
+                found.append({"eta": datetime.fromtimestamp(due, UTC).isoformat(),
+                              "priority": 6, "request": request.info()})
+        return found
+
+
+class BatchIntake(bootsteps.StartStopStep):
+    """The bootstep that makes Celery's task consumer take its queues in batches (`Intake`).
+
+    It runs after Celery's own `Tasks` step, which sets up the task consumer, its queues and
+    its prefetch (QoS), and hands the consumer's channel to the intake before the event loop
+    starts consuming.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        c.command_intake = Intake(c, batch_size)
+
+    def start(self, c: Any) -> None:
+        c.command_intake.attach(c.task_consumer.channel)
+
+    def register_with_event_loop(self, c: Any, hub: Any) -> None:
+        intake: Intake = c.command_intake
+        interval = max(1.0, min(10.0, intake.visibility_timeout / 4))
+        hub.call_repeatedly(interval, intake.restore_visible)
+        hub.call_repeatedly(PROMOTE_INTERVAL, intake.promote)
+
+    def stop(self, c: Any) -> None:
+        # After the consumer closed (the pool has flushed the jobs no process had started).
+        c.command_intake.detach()
+        c.command_intake.requeue_discarded()
+
+    def shutdown(self, c: Any) -> None:
+        # The worker's pool has stopped by now: what it never finished goes back at once.
+        c.command_intake.detach()
+        c.command_intake.requeue_unfinished()
+
+    def info(self, c: Any) -> dict[str, Any]:
+        return {"batch_size": c.command_intake.batch_size,
+                "jobs_in_flight": len(c.command_intake.in_flight)}
+
+
+def _install_control_commands() -> None:
+    """Replies that Celery's own handlers would get wrong for this node."""
+    from celery.worker.control import inspect_command
+
+    @inspect_command(alias="dump_schedule")
+    def scheduled(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        """List of messages this node parked until their eta, countdown or rate limit."""
+        intake: Intake | None = getattr(state.consumer, "command_intake", None)
+        return intake.scheduled() if intake is not None else []
+
+    del scheduled
+
+
+_install_control_commands()
