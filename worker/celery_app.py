@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import reprlib
 from typing import Any
 
 from celery import Celery, signals
@@ -12,21 +11,12 @@ from kombu.entity import Queue
 
 from worker import db
 from worker.config import NoServerError, Settings, broker_url, get_settings, result_backend_url
-from worker.security import redact
+from worker.security import safe_repr
 from worker.transport import transport_for, unacked_mutex_expire
 
 logger = logging.getLogger(__name__)
 
 TASK_MODULES = ["tasks.users", "tasks.posts", "tasks.tags"]
-_repr = reprlib.Repr()
-_repr.maxstring = 200
-_repr.maxother = 200
-_repr.maxlevel = 4
-
-
-def safe_repr(value: Any) -> str:
-    """A short repr of `value` with every secret replaced: for logs, events and Flower."""
-    return _repr.repr(redact(value))
 
 
 class RedactingRequest(Request):
@@ -40,7 +30,7 @@ class RedactingRequest(Request):
         super().__init__(*args, **kwargs)
         payload = self._Request__payload
         if isinstance(payload, list | tuple) and len(payload) >= 2:
-            self._argsrepr = safe_repr(payload[0])
+            self._argsrepr = safe_repr(payload[0], positional=True)
             self._kwargsrepr = safe_repr(payload[1])
         else:
             self._argsrepr = self._kwargsrepr = "<undecoded>"

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from worker.security import redact
+from worker.security import safe_repr
 
 JSON = "application/json"
 
@@ -35,7 +35,8 @@ def encode(
             "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
             "expires": None, "group": None, "group_index": None, "retries": 0,
             "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-            "argsrepr": repr(redact(args or [])), "kwargsrepr": repr(redact(kwargs)),
+            "argsrepr": safe_repr(args or [], positional=True),
+            "kwargsrepr": safe_repr(kwargs),
             "origin": "worker.protocol", "ignore_result": False,
         },
         "properties": {
