@@ -118,3 +118,34 @@ def test_tag_rules() -> None:
 def test_keyword_arguments_are_checked_too(model: type[Any], kwargs: object, field: str) -> None:
     with pytest.raises(Invalid, match=field):
         parse(model, kwargs)
+
+
+def test_an_email_error_names_the_rule_but_not_the_address() -> None:
+    # email-validator quotes a domain label in its IDNA errors.
+    message = rejected(UserCreate, {**GOOD_USER, "email": "x@\u0661\u0662hunter2.com"})
+    assert "data.email: value is not a valid email address" in message
+    assert "hunter2" not in message
+
+
+def test_an_unknown_field_s_name_is_echoed_cut_and_escaped() -> None:
+    message = rejected(TagCreate, {"name": "t", "evil\x00\n" + "x" * 500: 1})
+    assert "\x00" not in message and "\n" not in message
+    assert "evil\\x00\\n" in message
+    assert len(message) < 200
+
+
+def test_a_field_name_that_carries_a_secret_is_not_echoed() -> None:
+    message = rejected(TagCreate, {"name": "t", "password=hunter2": 1})
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(("model", "value", "field"), [
+    (UserCreate, {**GOOD_USER, "username": "abcdefgh\ud800"}, "username"),
+    (UserCreate, {**GOOD_USER, "password": "abcdefgh\ud800"}, "password"),
+    (PostCreate, {"title": "t", "author_id": 1, "content": "\udfff"}, "content"),
+    (CreateCommand, {"data": {}, "command_id": "k\ud800"}, "command_id"),
+])
+def test_text_with_an_unpaired_surrogate_is_invalid_not_a_driver_crash(
+    model: type[Any], value: dict[str, Any], field: str
+) -> None:
+    assert f"data.{field}" in rejected(model, value)

@@ -42,7 +42,7 @@ from worker.schemas import (
     UserUpdate,
     parse,
 )
-from worker.security import hash_password
+from worker.security import hash_password, printable
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def prepare(command: Command) -> None:
                                    "(its worker died each time)")
         spec = SPECS.get(command.task)
         if spec is None:
-            raise UnknownCommand(f"no task named {command.task!r}")
+            raise UnknownCommand(f"no task named {printable(command.task)!r}")
         if command.args:
             raise Invalid("positional arguments are not accepted: send keyword arguments only")
         if not command.key or "\x00" in command.key or len(command.key) > 128:

@@ -58,7 +58,7 @@ from worker.schemas import (
     UserUpdate,
     parse,
 )
-from worker.security import safe_repr
+from worker.security import printable, safe_repr
 
 # Seconds before an unreachable broker or result store is reported instead of retried.
 CONNECT_TIMEOUT = 5.0
@@ -143,7 +143,7 @@ def command_kwargs(task: str, *, data: BaseModel | dict[str, Any] | None = None,
     """The command's keyword arguments, validated as the worker will (`Invalid` otherwise)."""
     spec = SPECS.get(task)
     if spec is None:
-        raise Invalid(f"no command named {task!r}: one of {', '.join(sorted(SPECS))}")
+        raise Invalid(f"no command named {printable(task)!r}: one of {', '.join(sorted(SPECS))}")
     kwargs: dict[str, Any] = {}
     if spec.data_model is not None:
         if isinstance(data, BaseModel):

@@ -14,7 +14,7 @@ from worker.config import get_settings
 from worker.db import transaction
 from worker.errors import UnknownCommand
 from worker.protocol import UndecodableMessage, decode, loads
-from worker.security import redact
+from worker.security import printable, redact
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Consumer(CeleryConsumer):
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         task, _, _ = _identity(message)
-        rejection = UnknownCommand(f"no task named {task!r}")
+        rejection = UnknownCommand(f"no task named {printable(task)!r}")
         self._dead_letter(message, rejection.reason, str(rejection))
         task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
         if isinstance(task_id, str):
@@ -107,7 +107,7 @@ class Consumer(CeleryConsumer):
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         if isinstance(exc, ContentDisallowed):
             self._dead_letter(message, "undecodable",
-                              f"undecodable: content type {message.content_type!r} "
+                              f"undecodable: content type {printable(message.content_type)!r} "
                               "is not accepted (only application/json)")
         else:
             self._dead_letter(message, "invalid", f"invalid: {type(exc).__name__}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from worker.security import safe_repr
+from worker.security import printable, safe_repr
 
 JSON = "application/json"
 
@@ -88,7 +88,7 @@ def decode(raw: bytes | str) -> Message:
             raise UndecodableMessage("the queue item is not a JSON object")
         content_type = envelope.get("content-type")
         if content_type != JSON:
-            raise UndecodableMessage(f"content type {content_type!r} is not accepted")
+            raise UndecodableMessage(f"content type {printable(content_type)!r} is not accepted")
         properties, headers = envelope["properties"], envelope["headers"]
         body = envelope["body"]
         if properties.get("body_encoding") == "base64":
@@ -106,4 +106,5 @@ def decode(raw: bytes | str) -> Message:
     except UndecodableMessage:
         raise
     except (ValueError, KeyError, TypeError) as error:
-        raise UndecodableMessage(f"not a Celery protocol-2 JSON message: {error}") from None
+        raise UndecodableMessage("not a Celery protocol-2 JSON message: "
+                                 f"{printable(error)}") from None

@@ -18,13 +18,18 @@ from pydantic import (
 )
 
 from worker.errors import Invalid
-from worker.security import is_password_hash
+from worker.security import is_password_hash, printable
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; reject it here rather than fail in the driver.
+def _storable_text(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, nor the driver encode an unpaired surrogate (JSON's
+    # "\ud800" reads as one): reject both here rather than fail in the driver.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must not contain unpaired surrogates") from None
     return value
 
 
@@ -32,18 +37,19 @@ def _password_rules(value: SecretStr) -> SecretStr:
     secret = value.get_secret_value()
     if not 8 <= len(secret) <= 128:
         raise ValueError("must be 8 to 128 characters")
-    _no_nul(secret)
+    _storable_text(secret)
     return value
 
 
-Username = Annotated[str, StringConstraints(min_length=1, max_length=50), AfterValidator(_no_nul)]
-Email = Annotated[EmailStr, StringConstraints(max_length=100), AfterValidator(_no_nul)]
+Storable = AfterValidator(_storable_text)
+Username = Annotated[str, StringConstraints(min_length=1, max_length=50), Storable]
+Email = Annotated[EmailStr, StringConstraints(max_length=100), Storable]
 Password = Annotated[SecretStr, AfterValidator(_password_rules)]
 PasswordHash = Annotated[str, AfterValidator(lambda v: _require_hash(v))]
-Title = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Content = Annotated[str, StringConstraints(max_length=1_000_000), AfterValidator(_no_nul)]
-TagName = Annotated[str, StringConstraints(min_length=1, max_length=50), AfterValidator(_no_nul)]
-CommandId = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_nul)]
+Title = Annotated[str, StringConstraints(min_length=1, max_length=200), Storable]
+Content = Annotated[str, StringConstraints(max_length=1_000_000), Storable]
+TagName = Annotated[str, StringConstraints(min_length=1, max_length=50), Storable]
+CommandId = Annotated[str, StringConstraints(min_length=1, max_length=128), Storable]
 EntityId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 Version = Annotated[int, Field(ge=1, le=2**31 - 1)]
 MAX_TAGS_PER_POST = 100
@@ -221,13 +227,27 @@ class CommandResult(BaseModel):
     data: dict[str, Any]
 
 
+# email-validator's reasons quote parts of the address (the characters refused, a domain
+# label in an IDNA error): only the verdict is kept.
+_EMAIL_VERDICT = "value is not a valid email address"
+# Field names in an error come from the input for unknown fields: each is cut and escaped.
+LOCATION_PART_LIMIT = 64
+MAX_ERRORS_DESCRIBED = 10
+
+
 def describe_validation_error(error: ValidationError, where: str = "") -> str:
     """A one-line summary of `error` that names fields and rules but never echoes input."""
     parts = []
-    for item in error.errors(include_input=False, include_url=False, include_context=False):
-        location = ".".join(str(part) for part in (where, *item["loc"]) if part != "")
+    items = error.errors(include_input=False, include_url=False, include_context=False)
+    for item in items[:MAX_ERRORS_DESCRIBED]:
+        location = ".".join(printable(part, LOCATION_PART_LIMIT)
+                            for part in (where, *item["loc"]) if part != "")
         message = item["msg"].removeprefix("Value error, ")
+        if message.startswith(_EMAIL_VERDICT):
+            message = _EMAIL_VERDICT
         parts.append(f"{location or 'value'}: {message}")
+    if len(items) > MAX_ERRORS_DESCRIBED:
+        parts.append(f"and {len(items) - MAX_ERRORS_DESCRIBED} more")
     return "; ".join(parts)
 
 
