@@ -339,17 +339,13 @@ def apply(session: Session, commands: Sequence[Command], claim_first: bool = Tru
 
 
 def record_dead_letter(session: Session, command: Command) -> None:
-    """The dead letter of a rejected command (a password kept only as its hash)."""
+    """The dead letter of a rejected command (redacted; a password kept only as its hash)."""
     assert command.rejection is not None
-    kept = deadletters.replayable_kwargs(command.kwargs, command.password_hash)
-    if command.args:
-        kept = {"args": deadletters.replayable_kwargs(list(command.args), None),
-                **(kept if isinstance(kept, dict) else {"kwargs": kept})}
     deadletters.record(session, command_id=command.key, task=command.task or None,
                        reason=command.rejection.reason, error=str(command.rejection),
-                       kwargs=kept if isinstance(kept, dict) or kept is None
-                       else {"kwargs": kept},
-                       raw_body=deadletters.raw_text(command.raw)
+                       kwargs=command.kwargs, args=command.args,
+                       password_hash=command.password_hash,
+                       raw=deadletters.raw_evidence(command.raw)
                        if command.raw is not None and command.rejection.reason in RAW_KEPT
                        else None)
 

@@ -414,8 +414,7 @@ def dead_letters_show(letter_id: int, as_json: JsonOption = False) -> None:
 
     with session() as opened:
         letter = deadletters.get(opened, letter_id)
-        record = None if letter is None else {**deadletters.to_dict(letter),
-                                              "raw_body": letter.raw_body}
+        record = None if letter is None else deadletters.to_detail(letter)
     emit(record, as_json, f"dead letter {letter_id}")
 
 

@@ -14,7 +14,7 @@ from worker.config import get_settings
 from worker.db import transaction
 from worker.errors import UnknownCommand
 from worker.protocol import UndecodableMessage, decode, loads
-from worker.security import printable, redact
+from worker.security import printable
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ def record_raw(raw: bytes | str, reason: str, error: str, *, task: str | None = 
     with transaction() as session:
         deadletters.record(
             session, reason=reason, error=error, task=task, command_id=command_id,
-            kwargs=redact(kwargs) if kwargs is not None else None,
-            raw_body=deadletters.raw_text(raw),
+            kwargs=kwargs, raw=deadletters.raw_evidence(raw),
         )
     logger.warning("dead letter (%s): %s", reason, error)
 
