@@ -183,7 +183,7 @@ def send(
 
 def publish(task: str, kwargs: dict[str, Any], *, wait: float | None = None,
             settings: Settings | None = None) -> SendResult:
-    """Publish keyword arguments as they are, unvalidated (replay uses this); see `send`."""
+    """Publish keyword arguments as they are, unvalidated; see `send`."""
     settings = settings or get_settings()
     try:
         sent = _publisher(broker_url(settings), settings.commands_queue,

@@ -241,11 +241,19 @@ def _cut(text: str | None, limit: int) -> str | None:
     return None if text is None else storable_text(str(text)[:limit])[:limit]
 
 
-def kept_arguments(kwargs: Any, args: Any = None) -> dict[str, Any] | None:
-    """The arguments as a dead letter keeps them: redacted, storable, an object or None."""
+def kept_arguments(kwargs: Any, args: Any = None,
+                   password_hash: str | None = None) -> dict[str, Any] | None:
+    """The arguments as a dead letter keeps them: redacted, storable, an object or None.
+
+    With a `password_hash`, `data.password` shows as redacted even when the command carried
+    the hash instead (a replay): the dead letter says a password was given.
+    """
     kept = redact(kwargs)
     if kept is not None and not isinstance(kept, dict):
         kept = {"kwargs": kept}
+    data = kept.get("data") if isinstance(kept, dict) else None
+    if password_hash is not None and isinstance(data, dict):
+        data.setdefault("password", REDACTED)
     if args:
         kept = {"args": redact_args(args), **(kept or {})}
     stored = jsonable(kept)
@@ -286,9 +294,11 @@ def record(
         "raw_size": raw.size if raw is not None else None,
         "raw_sha256": raw.sha256 if raw is not None else None,
     }
+    if not is_password_hash(password_hash):
+        password_hash = None
     attempts: list[dict[str, Any]] = [
-        {**base, "kwargs": kept_arguments(kwargs, args),
-         "password_hash": password_hash if is_password_hash(password_hash) else None,
+        {**base, "kwargs": kept_arguments(kwargs, args, password_hash),
+         "password_hash": password_hash,
          "raw_body": raw.text if raw is not None else None},
         base,
         {"reason": reason, "error": f"{reason}: (the details could not be stored)"},

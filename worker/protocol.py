@@ -72,7 +72,7 @@ class UndecodableMessage(ValueError):
 class Message:
     """A decoded command message."""
 
-    task_id: str
+    task_id: str | None  # None when the message has none, or not a string (never "None")
     task: str
     args: list[Any]
     kwargs: dict[str, Any]
@@ -99,8 +99,10 @@ def decode(raw: bytes | str) -> Message:
         args, kwargs = payload[0], payload[1]
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise UndecodableMessage("args must be a list and kwargs an object")
+        task_id = headers.get("id")
         return Message(
-            task_id=str(headers["id"]), task=str(headers["task"]), args=args, kwargs=kwargs,
+            task_id=task_id if isinstance(task_id, str) else None, task=str(headers["task"]),
+            args=args, kwargs=kwargs,
             delivery_tag=str(properties["delivery_tag"]), headers=headers,
         )
     except UndecodableMessage:
