@@ -36,7 +36,7 @@ from worker import apply, db, intake, transport
 from worker.config import Settings, broker_url, get_settings, result_backend_url
 from worker.errors import Undecodable
 from worker.protocol import UndecodableMessage, decode, loads
-from worker.security import redact
+from worker.security import redact, redact_args
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class BatchConsumer:
         """Apply commands as one transaction, store their outcomes and events, acknowledge."""
         for item in received:
             self._task_event("task-received", item.command, name=item.command.task,
-                             args=repr(redact(item.command.args)),
+                             args=repr(redact_args(item.command.args)),
                              kwargs=repr(redact(item.command.kwargs)),
                              retries=0)
         started = time.monotonic()
