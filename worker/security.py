@@ -113,13 +113,12 @@ def _word_pattern(word: str) -> str:
     return r"[\s_.-]?".join(re.escape(letter) for letter in word)
 
 
-# A secret-like key in text, as a key: followed (after the rest of its name, a closing quote
-# or escape, and spaces) by ":" or "=". The name may go on ("password_hash") but not past a
-# space: prose such as "password reset at 10:30" is not a key.
+# A secret-like key in (lower-case) text, as a key: followed (after the rest of its name, a
+# closing quote or escape, and spaces) by ":" or "=". The name may go on ("password_hash")
+# but not past a space: prose such as "password reset at 10:30" is not a key.
 _SECRET_IN_TEXT = re.compile(
     r"(?:" + "|".join(_word_pattern(word) for word in SECRET_WORDS) + r")"
-    r"[\w.-]{0,64}?[\"'`\\]*\s*[:=]",
-    re.IGNORECASE)
+    r"[\w.-]{0,64}?[\"'`\\]*\s*[:=]")
 
 
 def mentions_secret(text: str | bytes | bytearray) -> bool:
@@ -127,22 +126,28 @@ def mentions_secret(text: str | bytes | bytearray) -> bool:
     try:
         if isinstance(text, bytes | bytearray):
             text = bytes(text).decode("latin-1")
-        if _SECRET_IN_TEXT.search(text):
-            return True
-        if text.isascii():
-            return False
-        # Lookalike letters (fullwidth, ligatures, the long s) fold to the plain ones.
-        folded = _folded(text)
-        return folded != text and _SECRET_IN_TEXT.search(folded) is not None
+        # Lower-cased rather than matched without regard to case: some 20 times faster on a
+        # long text. Lookalike letters (fullwidth, ligatures, the long s) fold to plain ones.
+        shown = text.lower() if text.isascii() else _folded(text)
+        return ("=" in shown or ":" in shown) and _SECRET_IN_TEXT.search(shown) is not None
     except Exception:
         return True
 
 
 # --- redaction ------------------------------------------------------------------------------
 
+_SCALARS = (str, int, float, bytes, bytearray, type(None))
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` surely mentions no secret (cheap: most strings stop here)."""
+    return "=" not in text and ":" not in text and text.isascii()
+
+
 def _leaf(value: Any, unnamed: bool) -> Any:
     """A value that holds no others, as shown."""
-    if isinstance(value, str | bytes | bytearray) and (unnamed or mentions_secret(value)):
+    if isinstance(value, str | bytes | bytearray) and (
+            unnamed or (not (isinstance(value, str) and _plain(value)) and mentions_secret(value))):
         return REDACTED
     return value
 
@@ -158,22 +163,7 @@ def _walk(value: Any, unnamed: bool) -> Any:
     tuples: list[tuple[Any, Any, list[Any]]] = []
     while pending:
         item, parent, slot, depth, anonymous = pending.pop()
-        if isinstance(item, Mapping):
-            if depth >= MAX_DEPTH:
-                parent[slot] = NESTED_TOO_DEEPLY
-                continue
-            copy: dict[Any, Any] = {}
-            parent[slot] = copy
-            for number, (key, child) in enumerate(list(item.items())):
-                shown_key = key
-                if isinstance(key, str | bytes | bytearray) and mentions_secret(key):
-                    shown_key = f"{REDACTED_KEY} {number}"
-                if is_secret_key(key):
-                    copy[shown_key] = REDACTED
-                else:
-                    copy[shown_key] = None
-                    pending.append((child, copy, shown_key, depth + 1, False))
-        elif isinstance(item, list | tuple):
+        if isinstance(item, list | tuple):
             if depth >= MAX_DEPTH:
                 parent[slot] = NESTED_TOO_DEEPLY
                 continue
@@ -182,7 +172,28 @@ def _walk(value: Any, unnamed: bool) -> Any:
             if isinstance(item, tuple):
                 tuples.append((parent, slot, elements))
             for index, child in enumerate(item):
-                pending.append((child, elements, index, depth + 1, anonymous))
+                if isinstance(child, _SCALARS):  # most values: placed now, not stacked
+                    elements[index] = _leaf(child, anonymous)
+                else:
+                    pending.append((child, elements, index, depth + 1, anonymous))
+        elif not isinstance(item, _SCALARS) and isinstance(item, Mapping):
+            if depth >= MAX_DEPTH:
+                parent[slot] = NESTED_TOO_DEEPLY
+                continue
+            copy: dict[Any, Any] = {}
+            parent[slot] = copy
+            for number, (key, child) in enumerate(list(item.items())):
+                shown_key = key
+                if isinstance(key, str | bytes | bytearray) and not (
+                        isinstance(key, str) and _plain(key)) and mentions_secret(key):
+                    shown_key = f"{REDACTED_KEY} {number}"
+                if is_secret_key(key):
+                    copy[shown_key] = REDACTED
+                elif isinstance(child, _SCALARS):
+                    copy[shown_key] = _leaf(child, False)
+                else:
+                    copy[shown_key] = None
+                    pending.append((child, copy, shown_key, depth + 1, False))
         else:
             parent[slot] = _leaf(item, anonymous)
     # Made last, innermost first (each was recorded after its container): a tuple is built
