@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from worker import apply
+from worker.security import verify_password
 
 PASSWORD = "correct horse battery"
 
@@ -190,8 +191,10 @@ def test_a_password_in_a_batch_is_hashed_and_its_dead_letter_keeps_only_the_hash
         "username": "author", "email": "new@example.com", "password": PASSWORD}))
     assert outcome(clash) == "conflict"
     kwargs = scalar(clean_database, "SELECT kwargs FROM dead_letters")
-    assert "password" not in kwargs["data"]
-    assert kwargs["data"]["password_hash"].startswith("$argon2id$")
+    assert kwargs["data"]["password"] == "[redacted]" and "password_hash" not in kwargs["data"]
+    assert PASSWORD not in str(kwargs)
+    hashed = scalar(clean_database, "SELECT password_hash FROM dead_letters")
+    assert verify_password(hashed, PASSWORD)
 
 
 def test_a_race_the_checks_cannot_see_falls_back_to_one_by_one(
@@ -292,9 +295,9 @@ def test_a_batch_has_the_outcomes_of_applying_its_commands_one_by_one(
     assert snapshot(clean_database) == expected
 
 
-@pytest.mark.parametrize("task_id", ["", "nul\x00id", "x" * 129])
+@pytest.mark.parametrize("task_id", ["", "nul\x00id", "x" * 129, None, 42, "\ud800"])
 def test_a_task_id_unfit_for_the_ledger_without_a_command_id_is_invalid(
-    clean_database: str, task_id: str
+    clean_database: str, task_id: Any
 ) -> None:
     bad = apply.Command(task="tags.create", task_id=task_id, kwargs={"data": {"name": "t"}})
     fine = command("tags.create", data={"name": "u"})
@@ -318,3 +321,120 @@ def test_an_unknown_task_with_a_very_long_name_still_gets_its_dead_letter(
     run(long_name)
     assert outcome(long_name) == "unknown_command"
     assert scalar(clean_database, "SELECT length(task) FROM dead_letters") == 200
+
+
+def test_two_messages_without_any_key_are_both_invalid_never_one_duplicate(
+    clean_database: str,
+) -> None:
+    # `headers.id: null` and no command_id: keyed "None", the second was taken for the first.
+    first = apply.Command(task="tags.create", task_id=None, kwargs={"data": {"name": "a"}})
+    second = apply.Command(task="tags.create", task_id=None, kwargs={"data": {"name": "b"}})
+    run(first)
+    run(second)
+    assert [outcome(first), outcome(second)] == ["invalid", "invalid"]
+    assert first.key is None and "idempotency key" in str(first.rejection)
+    assert scalar(clean_database, "SELECT count(*) FROM command_ledger") == 0
+    assert scalar(clean_database, "SELECT count(*) FROM dead_letters WHERE command_id IS NULL"
+                  ) == 2
+
+
+@pytest.mark.parametrize("command_id", ["", "k" * 129, "nul\x00", 7, None])
+def test_an_unusable_command_id_does_not_become_the_key(command_id: Any) -> None:
+    assert apply.idempotency_key({"command_id": command_id}, "task-id") == "task-id"
+    assert apply.idempotency_key({"command_id": command_id}, None) is None
+
+
+def test_a_command_id_applied_by_another_task_is_a_conflict_in_a_later_batch(
+    clean_database: str, author: int
+) -> None:
+    (tag,) = run(command("tags.create", data={"name": "first"}, command_id="shared-key"))
+    assert outcome(tag) == "applied"
+    # Distinct keys: claiming last, the key's INSERT fails the batch; claiming first then
+    # finds the key is not its own.
+    batch = run(command("tags.create", data={"name": "other"}),
+                command("posts.create", data={"title": "p", "author_id": author},
+                        command_id="shared-key"))
+    assert [outcome(c) for c in batch] == ["applied", "conflict"]
+    assert batch[1].result is None
+    assert str(batch[1].rejection) == (
+        "conflict: the command_id was applied by task tags.create")
+    # One that would be rejected anyway (no tag 999) is a conflict too: the key decides first.
+    (missing,) = run(command("tags.delete", id=999, command_id="shared-key"))
+    assert outcome(missing) == "conflict"
+    assert scalar(clean_database, "SELECT count(*) FROM posts") == 0
+    # The first outcome stands, and each conflict has its dead letter under the key.
+    assert scalar(clean_database, "SELECT task FROM command_ledger "
+                                  "WHERE command_id = 'shared-key'") == "tags.create"
+    assert scalar(clean_database, "SELECT count(*) FROM dead_letters "
+                                  "WHERE command_id = 'shared-key' AND reason = 'conflict'") == 2
+    (again,) = run(command("tags.create", data={"name": "first"}, command_id="shared-key"))
+    assert outcome(again) == "duplicate"
+    assert again.result == {**(tag.result or {}), "outcome": "duplicate"}
+
+
+def test_a_command_id_used_by_two_tasks_in_one_batch_is_applied_once_then_a_conflict(
+    clean_database: str, author: int
+) -> None:
+    batch = run(command("tags.create", data={"name": "t"}, command_id="same"),
+                command("posts.create", data={"title": "p", "author_id": author},
+                        command_id="same"),
+                command("tags.create", data={"name": "t"}, command_id="same"))
+    assert [outcome(c) for c in batch] == ["applied", "conflict", "duplicate"]
+    assert scalar(clean_database, "SELECT count(*) FROM posts") == 0
+
+
+def test_a_key_being_applied_by_another_task_in_another_transaction_is_a_conflict(
+    clean_database: str,
+) -> None:
+    import threading
+
+    import psycopg2
+
+    other = psycopg2.connect(clean_database.replace("postgresql+psycopg2", "postgresql"))
+    with other.cursor() as cursor:
+        cursor.execute("INSERT INTO command_ledger (command_id, task, result) "
+                       "VALUES ('busy-other', 'users.delete', '{\"id\": 7}')")
+    late = command("tags.create", data={"name": "late"}, command_id="busy-other")
+    worker = threading.Thread(target=run, args=(late,))
+    worker.start()
+    worker.join(1.0)
+    assert worker.is_alive(), "the batch did not wait for the open transaction"
+    other.commit()
+    other.close()
+    worker.join(30)
+    assert outcome(late) == "conflict"
+    assert scalar(clean_database, "SELECT count(*) FROM tags") == 0
+    assert scalar(clean_database, "SELECT task FROM command_ledger") == "users.delete"
+
+
+def test_a_kept_password_hash_is_applied_as_the_password_without_hashing_again(
+    clean_database: str,
+) -> None:
+    from worker.security import hash_password
+
+    kept = hash_password(PASSWORD)
+    (created,) = run(apply.Command(
+        task="users.create", task_id=str(uuid.uuid4()), kept_password_hash=kept,
+        kwargs={"data": {"username": "kept", "email": "kept@example.com"}}))
+    assert outcome(created) == "applied"
+    assert scalar(clean_database, "SELECT hashed_password FROM users") == kept
+    (with_password,) = run(apply.Command(
+        task="users.create", task_id=str(uuid.uuid4()), kept_password_hash=kept,
+        kwargs={"data": {"username": "k2", "email": "k2@example.com", "password": PASSWORD}}))
+    assert outcome(with_password) == "invalid"
+    (wrong_kind,) = run(apply.Command(task="tags.create", task_id=str(uuid.uuid4()),
+                                      kept_password_hash=kept, kwargs={"data": {"name": "t"}}))
+    assert outcome(wrong_kind) == "invalid"
+
+
+@pytest.mark.parametrize("task_id", [None, 42, ["x"]])
+def test_a_message_whose_task_id_is_not_a_string_decodes_without_one(task_id: Any) -> None:
+    import json
+
+    from worker.protocol import decode, encode
+
+    message = json.loads(encode("tags.create", {"data": {"name": "t"}}))
+    message["headers"]["id"] = task_id
+    decoded = decode(json.dumps(message))
+    assert decoded.task_id is None  # never "None"
+    assert apply.idempotency_key(decoded.kwargs, decoded.task_id) is None

@@ -232,3 +232,11 @@ def test_a_migration_under_a_prepared_statement_is_a_fault_the_retry_gets_past(
         with engine.begin() as connection:
             connection.execute(text("ALTER TABLE tags DROP COLUMN extra"))
         engine.dispose()
+
+
+def test_a_failed_statement_s_message_carries_no_parameters(clean_database: str) -> None:
+    secret = "hunter2-parameter"
+    with pytest.raises(DBAPIError) as caught, db.transaction() as session:
+        session.execute(text("SELECT CAST(:p AS text), 1 / 0"), {"p": secret})
+    assert secret not in str(caught.value)
+    assert "parameters hidden" in str(caught.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import pickle
 import time
@@ -35,7 +36,8 @@ def letters(url: str) -> list[Any]:
     engine = create_engine(url)
     with engine.connect() as connection:
         found = list(connection.execute(text(
-            "SELECT command_id, task, reason, error, kwargs, raw_body FROM dead_letters "
+            "SELECT command_id, task, reason, error, kwargs, raw_body, raw_size, raw_sha256 "
+            "FROM dead_letters "
             "ORDER BY id")))
     engine.dispose()
     return found
@@ -83,11 +85,13 @@ def push_then_check_alive(queue: redis.Redis, database_url: str, raw: bytes) -> 
 def test_garbage_on_the_queue_is_an_undecodable_dead_letter(
     queue: redis.Redis, clean_database: str
 ) -> None:
-    push_then_check_alive(queue, clean_database, b'garbage {"password": "hunter22"')
+    raw = b'garbage {"password": "hunter22"'
+    push_then_check_alive(queue, clean_database, raw)
     (letter,) = wait_for(clean_database, 1)
     assert letter.reason == "undecodable" and letter.command_id is None
-    assert "garbage" in letter.raw_body
-    assert "hunter22" not in letter.raw_body
+    # Not JSON: no text is kept, only what identifies it.
+    assert letter.raw_body is None
+    assert (letter.raw_size, letter.raw_sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
 
 
 def test_a_json_value_that_is_no_envelope_is_undecodable(
@@ -135,7 +139,7 @@ def test_a_message_over_the_size_limit_is_invalid_without_being_parsed(
     (letter,) = wait_for(clean_database, 1)
     assert letter.reason == "invalid"
     assert "exceeds the limit" in letter.error
-    assert len(letter.raw_body) <= 64 * 1024
+    assert letter.raw_body is None and letter.raw_size == len(raw)
 
 
 def test_a_message_delivered_too_often_ends_as_retries_exhausted(
@@ -222,3 +226,63 @@ def test_consumers_draining_a_quarantine_at_once_record_each_item_once(
         transport.set_quarantine_handler(None)
     assert sorted(recorded) == sorted(items)
     assert client.llen(key) == 0
+
+
+def hostile_body(body: str, **header_changes: Any) -> bytes:
+    """A well-formed envelope for tags.create whose body is `body` as written (utf-8)."""
+    message = json.loads(encode("tags.create", {}))
+    message["body"] = body
+    message["properties"]["body_encoding"] = "utf-8"
+    message["headers"].update(header_changes)
+    return json.dumps(message).encode()
+
+
+def test_values_postgres_cannot_store_still_end_in_one_dead_letter_each(
+    queue: redis.Redis, clean_database: str, worker_process: WorkerProcess
+) -> None:
+    secret = "poison-loop-secret-31"
+    bodies = [body.replace("SECRET", secret) for body in (
+        '[[], {"data": {"name": NaN}, "password": "SECRET"}, {}]',
+        '[[], {"data": {"name": 1e400}, "Password": "SECRET"}, {}]',
+        '[[], {"data": {"\\ud800": "x", "name": "\\udfff"}, "x": {"pwd": "SECRET"}}, {}]',
+        '[[], {"data": {"name": "nul\\u0000", "password_hash": "$argon2id$\\u0000"}}, {}]',
+        '[["SECRET"], {"data": {"name": "positional"}}, {}]',
+    )]
+    for body in bodies:
+        queue.lpush("commands", hostile_body(body))
+    push_then_check_alive(queue, clean_database, hostile_body('[[], {"data": {"name": "ok"}}, {}]'))
+    found = wait_for(clean_database, len(bodies))
+    assert [letter.reason for letter in found] == ["invalid"] * len(bodies)
+    assert all(secret not in json.dumps(letter.kwargs) for letter in found)
+    assert secret not in worker_process.log_text()
+    assert queue.hlen(deliveries_key("commands")) == 0
+
+
+def test_a_message_with_a_null_task_id_and_no_command_id_is_invalid_not_a_duplicate(
+    queue: redis.Redis, clean_database: str
+) -> None:
+    queue.lpush("commands", hostile_body('[[], {"data": {"name": "first"}}, {}]', id=None))
+    queue.lpush("commands", hostile_body('[[], {"data": {"name": "second"}}, {}]', id=None))
+    push_then_check_alive(queue, clean_database, hostile_body('[[], {"data": {"name": "ok"}}, {}]'))
+    found = wait_for(clean_database, 2)
+    assert [letter.reason for letter in found] == ["invalid", "invalid"]
+    assert all("idempotency key" in letter.error for letter in found)
+
+
+def test_keyword_arguments_nested_700_deep_end_in_a_redacted_dead_letter(
+    queue: redis.Redis, clean_database: str, worker_process: WorkerProcess,
+    request: pytest.FixtureRequest
+) -> None:
+    if request.node.callspec.params.get("worker_process") == "celery":
+        # Not this layer's: the prefork pool pickles the arguments to its child, and
+        # pickle's recursion at 700 levels stops the worker ("Unrecoverable error").
+        pytest.skip("the Celery prefork worker cannot hand such arguments to its pool")
+    secret = "deep-secret-41"
+    deep = '{"k": ' * 700 + '"x"' + "}" * 700
+    body = '[[], {"data": DEEP, "items": [{"password": "SECRET"}]}, {}]'
+    queue.lpush("commands", hostile_body(body.replace("DEEP", deep).replace("SECRET", secret)))
+    push_then_check_alive(queue, clean_database, hostile_body('[[], {"data": {"name": "ok"}}, {}]'))
+    (letter,) = wait_for(clean_database, 1)
+    assert letter.reason == "invalid"
+    assert secret not in json.dumps(letter.kwargs)
+    assert secret not in worker_process.log_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_upgrade_check_downgrade_and_back(empty_database: str) -> None:
     assert "No new upgrade operations detected" in alembic(empty_database, "check")
     assert head in alembic(empty_database, "history")
     alembic(empty_database, "downgrade", "-1")
-    assert tables(empty_database) == set()
+    assert head not in alembic(empty_database, "current")
     alembic(empty_database, "upgrade", "head")
     alembic(empty_database, "downgrade", "base")
     assert tables(empty_database) == set()
@@ -66,3 +67,32 @@ def test_email_uniqueness_ignores_case_in_the_schema_itself(database_url: str) -
     (email_index,) = [i for i in indexes if i["name"] == "uq_users_email_lower"]
     assert email_index["unique"]
     assert "lower" in str(email_index.get("expressions", email_index["column_names"]))
+
+
+def test_a_dead_letter_s_hash_moves_out_of_its_kwargs_and_back(empty_database: str) -> None:
+    from sqlalchemy import text
+
+    hashed = "$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+    alembic(empty_database, "upgrade", "0739f195120b")
+    engine = create_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO dead_letters (reason, error, task, kwargs) VALUES "
+                "('conflict', 'conflict: x', 'users.create', CAST(:kwargs AS jsonb)), "
+                "('not_found', 'not_found: y', 'tags.delete', '{\"id\": 7}')"),
+                {"kwargs": json.dumps({"data": {"username": "u", "password_hash": hashed}})})
+        alembic(empty_database, "upgrade", "head")
+        with engine.connect() as connection:
+            moved = list(connection.execute(text(
+                "SELECT kwargs, password_hash FROM dead_letters ORDER BY id")))
+        assert [tuple(row) for row in moved] == [
+            ({"data": {"username": "u", "password": "[redacted]"}}, hashed),
+            ({"id": 7}, None)]
+        alembic(empty_database, "downgrade", "-1")
+        with engine.connect() as connection:
+            back = list(connection.execute(text("SELECT kwargs FROM dead_letters ORDER BY id")))
+        assert [row[0] for row in back] == [
+            {"data": {"username": "u", "password_hash": hashed}}, {"id": 7}]
+    finally:
+        engine.dispose()

@@ -42,6 +42,7 @@ def async_engine(url: str | None = None, settings: Settings | None = None) -> As
     return create_async_engine(
         async_url(url or database_url(settings)),
         **pool_options(settings),
+        hide_parameters=True,  # as worker.db.build_engine: no parameters in error messages
         connect_args={
             "server_settings": {
                 "statement_timeout": str(settings.db_statement_timeout_ms),

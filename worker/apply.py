@@ -31,8 +31,10 @@ from worker.errors import (
     UnknownCommand,
 )
 from worker.schemas import (
+    KEPT_PASSWORD_HASH,
     CreateCommand,
     DeleteCommand,
+    PasswordHolder,
     PostCreate,
     PostUpdate,
     TagCreate,
@@ -42,7 +44,7 @@ from worker.schemas import (
     UserUpdate,
     parse,
 )
-from worker.security import hash_password
+from worker.security import hash_password, printable
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +96,29 @@ SPECS: dict[str, Spec] = {
 
 @dataclass
 class Command:
-    """One received command and, once applied, its outcome."""
+    """One received command and, once applied, its outcome.
+
+    `task_id` is the message's task id as sent (None when it has none, or not a string);
+    `key` the idempotency key `prepare` derives (see `idempotency_key`). `password_hash` is
+    the hash `prepare` made of the password (a dead letter keeps it). `kept_password_hash`
+    never comes from a message: a replay sets it to the hash a dead letter kept, and it
+    stands for the password, which the dead letter does not have.
+    """
 
     task: str
-    task_id: str
+    task_id: str | None
     kwargs: Any
     args: Any = field(default_factory=list)
     deliveries: int = 1
     key: str | None = None
     item: Any = None
     password_hash: str | None = None
+    kept_password_hash: str | None = None
     result: dict[str, Any] | None = None
     rejection: CommandRejected | None = None
     raw: bytes | None = None
+    #: What a dead letter keeps of a message that is not kept whole (over-size, compressed).
+    evidence: deadletters.RawEvidence | None = None
 
     @property
     def target(self) -> int | None:
@@ -114,12 +126,35 @@ class Command:
         return self.item.id if isinstance(self.item, writes.Change) else None
 
 
-def idempotency_key(kwargs: Any, task_id: str | None) -> str | None:
-    """The command's key: a well-formed `command_id`, else the message's task id."""
+MAX_KEY_LENGTH = 128
+
+
+def usable_key(value: object) -> bool:
+    """Whether `value` can be an idempotency key: text of 1 to 128 characters that the ledger
+    can hold (no NUL, no unpaired surrogate)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_LENGTH or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def idempotency_key(kwargs: Any, task_id: object) -> str | None:
+    """The command's key: a usable `command_id`, else a usable task id, else None.
+
+    None makes the command `invalid`: without a key of its own, a message would be keyed
+    by a stand-in ("None", "") that the next such message shares, and taken for a duplicate
+    of it. A task id that is missing, null, not a string, empty, longer than 128 characters
+    or not storable text is not usable; neither is such a `command_id`.
+    """
     command_id = kwargs.get("command_id") if isinstance(kwargs, dict) else None
-    if isinstance(command_id, str) and 1 <= len(command_id) <= 128 and "\x00" not in command_id:
-        return command_id
-    return task_id
+    if usable_key(command_id):
+        return str(command_id)
+    if usable_key(task_id):
+        return str(task_id)
+    return None
 
 
 def needs_hash(command: Command) -> bool:
@@ -141,22 +176,28 @@ def prepare(command: Command) -> None:
                                    "(its worker died each time)")
         spec = SPECS.get(command.task)
         if spec is None:
-            raise UnknownCommand(f"no task named {command.task!r}")
+            raise UnknownCommand(f"no task named {printable(command.task)!r}")
         if command.args:
             raise Invalid("positional arguments are not accepted: send keyword arguments only")
-        if not command.key or "\x00" in command.key or len(command.key) > 128:
-            # The ledger keeps 1 to 128 characters, and PostgreSQL text holds no NUL.
-            raise Invalid("no usable idempotency key: the task id is empty, longer than 128 "
-                          "characters or holds NUL, and no valid command_id was given")
+        if command.key is None:
+            raise Invalid("no usable idempotency key: the task id is missing, not a string, "
+                          "empty, longer than 128 characters or not storable text, and no "
+                          "valid command_id was given")
         envelope: Any = parse(spec.envelope, command.kwargs)
         data = None
         if spec.data_model is not None:
-            data = parse(spec.data_model, envelope.data, "data")
-            password = getattr(data, "password", None)
-            if password is not None:
-                command.password_hash = hash_password(password.get_secret_value())
-                data = data.model_copy(update={"password": None,
-                                               "password_hash": command.password_hash})
+            context = None
+            if command.kept_password_hash is not None:
+                if spec.entity != "user":
+                    raise Invalid("a kept password hash goes with users commands only")
+                context = {KEPT_PASSWORD_HASH: command.kept_password_hash}
+            data = parse(spec.data_model, envelope.data, "data", context)
+            if isinstance(data, PasswordHolder):
+                if data.password is not None:
+                    data = data.with_password_hash(
+                        hash_password(data.password.get_secret_value()))
+                # Made now, or kept by a dead letter: what a new dead letter would keep.
+                command.password_hash = data.password_hash
         if spec.creates:
             command.item = data
         else:
@@ -167,7 +208,11 @@ def prepare(command: Command) -> None:
 
 
 def _claim(session: Session, commands: Sequence[Command]) -> None:
-    """Claim every key; a key applied before makes its command a duplicate of that result."""
+    """Claim every key; a key applied before makes its command a duplicate of that result.
+
+    A key belongs to the task that applied it: sent again on another task, the command is
+    rejected `conflict` (the first outcome stands; another entity's result is not its own).
+    """
     keys = [command.key for command in commands]
     claimed = {row[0] for row in session.execute(text(
         "INSERT INTO command_ledger (command_id, task, result) "
@@ -177,12 +222,17 @@ def _claim(session: Session, commands: Sequence[Command]) -> None:
     seen = [command for command in commands if command.key not in claimed]
     if not seen:
         return
-    stored = {row.command_id: row.result for row in session.execute(text(
-        "SELECT command_id, result FROM command_ledger "
+    stored = {row.command_id: row for row in session.execute(text(
+        "SELECT command_id, task, result FROM command_ledger "
         "WHERE command_id = ANY(CAST(:keys AS text[]))"),
         {"keys": [command.key for command in seen]})}
     for command in seen:
-        command.result = {**stored[command.key], "outcome": "duplicate"}
+        entry = stored[command.key]
+        if entry.task != command.task:
+            command.rejection = Conflict(f"the command_id was applied by task "
+                                         f"{printable(entry.task)}")
+        else:
+            command.result = {**entry.result, "outcome": "duplicate"}
 
 
 Footprint = frozenset[tuple[str, object]]
@@ -273,16 +323,19 @@ _LEDGER_FORGET = text("DELETE FROM command_ledger WHERE command_id = ANY(CAST(:k
 def _apply_round(session: Session, commands: Sequence[Command], claim_first: bool) -> None:
     """Apply commands whose keys are distinct, in order, within the caller's transaction.
 
-    Claiming first, a key applied before is found up front and its command is a duplicate.
-    Claiming last (the fast way, one statement fewer and each key written once), every key
-    is inserted after the writes with a plain INSERT: a key applied before, or being applied
-    by another transaction (which the INSERT waits for), fails the whole transaction with a
-    unique violation, and `run_batch` applies the batch again, claiming first.
+    Claiming first, a key applied before is found up front and its command is a duplicate
+    (or a conflict, when another task applied it). Claiming last (the fast way, one
+    statement fewer and each key written once), every key is inserted after the writes with
+    a plain INSERT: a key applied before, or being applied by another transaction (which the
+    INSERT waits for), fails the whole transaction with a unique violation, and `run_batch`
+    applies the batch again, claiming first.
     """
     valid = [command for command in commands if command.rejection is None]
     if valid and claim_first:
         _claim(session, valid)
-    fresh = [command for command in valid if command.result is None]
+    # Neither a duplicate nor a key of another task's (whose ledger entry is not its own).
+    fresh = [command for command in valid
+             if command.result is None and command.rejection is None]
     for run in _runs(fresh):
         spec = SPECS[run[0].task]
         for command, outcome in zip(run, spec.write(session, [c.item for c in run]),
@@ -339,17 +392,14 @@ def apply(session: Session, commands: Sequence[Command], claim_first: bool = Tru
 
 
 def record_dead_letter(session: Session, command: Command) -> None:
-    """The dead letter of a rejected command (a password kept only as its hash)."""
+    """The dead letter of a rejected command (redacted; a password kept only as its hash)."""
     assert command.rejection is not None
-    kept = deadletters.replayable_kwargs(command.kwargs, command.password_hash)
-    if command.args:
-        kept = {"args": deadletters.replayable_kwargs(list(command.args), None),
-                **(kept if isinstance(kept, dict) else {"kwargs": kept})}
     deadletters.record(session, command_id=command.key, task=command.task or None,
                        reason=command.rejection.reason, error=str(command.rejection),
-                       kwargs=kept if isinstance(kept, dict) or kept is None
-                       else {"kwargs": kept},
-                       raw_body=deadletters.raw_text(command.raw)
+                       kwargs=command.kwargs, args=command.args,
+                       password_hash=command.password_hash,
+                       raw=command.evidence if command.evidence is not None
+                       else deadletters.raw_evidence(command.raw)
                        if command.raw is not None and command.rejection.reason in RAW_KEPT
                        else None)
 

@@ -33,7 +33,7 @@ from celery import signals
 from celery.utils.time import utcoffset
 from sqlalchemy import exc as sa_exc
 
-from worker import apply, protocol
+from worker import apply, deadletters, protocol
 from worker.broker import QueueKeys, Scripts, Taken, finish_arguments
 from worker.config import get_settings
 from worker.errors import CommandRejected, Invalid, Undecodable
@@ -108,9 +108,10 @@ def receive(received: Received, limit: int) -> Delivery:
     message = received.message
     if message.raw is None:
         task_id, task = protocol.identity(None, message.tail)
-        command = apply.Command(task=task or "", task_id=task_id or "", kwargs=None,
+        command = apply.Command(task=task or "", task_id=task_id, kwargs=None,
                                 rejection=Invalid(f"message of {message.size} bytes exceeds "
-                                                  f"the limit of {limit} bytes"))
+                                                  f"the limit of {limit} bytes"),
+                                evidence=deadletters.RawEvidence(None, message.size, None))
         return Delivery(received, command)
     try:
         decoded = protocol.decode(message.raw, limit)
@@ -118,11 +119,11 @@ def receive(received: Received, limit: int) -> Delivery:
         task_id, task = protocol.identity(message.raw)
         rejection: CommandRejected = (Invalid(str(error)) if isinstance(error, protocol.OverLimit)
                                       else Undecodable(str(error)))
-        command = apply.Command(task=task or "", task_id=task_id or "", kwargs=None,
-                                rejection=rejection)
-        command.raw = message.raw
+        command = apply.Command(task=task or "", task_id=task_id, kwargs=None,
+                                rejection=rejection, raw=message.raw,
+                                evidence=deadletters.raw_evidence(message.raw))
         return Delivery(received, command)
-    command = apply.Command(task=decoded.task, task_id=decoded.task_id or "",
+    command = apply.Command(task=decoded.task, task_id=decoded.task_id,
                             kwargs=decoded.kwargs, args=decoded.args,
                             deliveries=message.deliveries, raw=message.raw)
     delivery = Delivery(received, command, decoded.headers, decoded.properties, decoded.embed)
@@ -342,7 +343,8 @@ class BatchRunner:
                     continue
                 events.add("task-received", command.task_id,
                            timestamp=delivery.received.received_at, name=command.task,
-                           args=safe_repr(command.args), kwargs=safe_repr(command.kwargs),
+                           args=safe_repr(command.args, positional=True),
+                           kwargs=safe_repr(command.kwargs),
                            root_id=delivery.headers.get("root_id"),
                            parent_id=delivery.headers.get("parent_id"),
                            retries=delivery.headers.get("retries") or 0,
@@ -397,7 +399,7 @@ class BatchRunner:
 
     def _needs_tracer(self, delivery: Delivery) -> bool:
         """Whether Celery's tracer must report this one: canvas, or signal handlers to call."""
-        if delivery.command.task not in self.app.tasks:
+        if not delivery.command.task_id or delivery.command.task not in self.app.tasks:
             return False
         if delivery.has_canvas:
             return True
@@ -408,8 +410,10 @@ class BatchRunner:
         from worker.commands import SETTLED
 
         command = delivery.command
+        assert command.task_id is not None
         request = {**delivery.headers, **delivery.embed,
-                   "argsrepr": safe_repr(command.args), "kwargsrepr": safe_repr(command.kwargs),
+                   "argsrepr": safe_repr(command.args, positional=True),
+                   "kwargsrepr": safe_repr(command.kwargs),
                    "properties": delivery.properties,
                    "reply_to": delivery.properties.get("reply_to"),
                    "correlation_id": delivery.properties.get("correlation_id"),

@@ -9,7 +9,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -415,24 +414,8 @@ def dead_letters_show(letter_id: int, as_json: JsonOption = False) -> None:
 
     with session() as opened:
         letter = deadletters.get(opened, letter_id)
-        record = None if letter is None else {**deadletters.to_dict(letter),
-                                              "raw_body": letter.raw_body}
+        record = None if letter is None else deadletters.to_detail(letter)
     emit(record, as_json, f"dead letter {letter_id}")
-
-
-@dataclass(frozen=True)
-class Replay:
-    """What a replay needs of a dead letter, read before anything is published."""
-
-    letter_id: int
-    task: str | None
-    command_id: str | None
-    kwargs: dict[str, Any] | None
-
-    @property
-    def replayable(self) -> bool:
-        """Whether the command was kept: a task name and keyword arguments only."""
-        return bool(self.task) and isinstance(self.kwargs, dict) and "args" not in self.kwargs
 
 
 @dead_letters_app.command("replay")
@@ -440,34 +423,41 @@ def dead_letters_replay(
     letter_id: Annotated[int | None, typer.Argument(help="The dead letter to replay.")] = None,
     reason: Annotated[str | None, typer.Option(help="Replay every dead letter of a reason.")
                       ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for each outcome.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each, with --wait.")
+    wait: Annotated[bool, typer.Option(
+        "--wait", hidden=True, help="Accepted for older scripts: the outcome is always known.")
+                    ] = False,
+    timeout: Annotated[float, typer.Option(hidden=True, help="Accepted for older scripts.")
                        ] = 30,
     as_json: JsonOption = False,
 ) -> None:
-    """Publish dead letters again as first sent, under their original command_id.
+    """Apply dead letters again as first sent, here, under their original command_id.
 
-    Each dead letter is deleted as soon as its command is published; if the command is
-    rejected again, the worker records a new one. A command that was applied meanwhile
-    comes back as a duplicate. Exit 1 when one is rejected again or cannot be replayed.
+    Each command goes through the worker's own engine in this process (a password is
+    applied as the hash its dead letter kept; nothing is published) and its outcome is
+    printed: applied, duplicate (applied meanwhile) or rejected with its reason, which
+    records a new dead letter. The replayed dead letter is then deleted. Exit 1 when one is
+    rejected again or cannot be replayed.
     """
-    from worker import deadletters
-    from worker.client import BrokerUnreachable, SendResult, publish, wait_for
+    from sqlalchemy.exc import InterfaceError, OperationalError
 
+    from worker import deadletters
+    from worker.replay import Replay, apply_again
+
+    del wait, timeout  # the outcome is known when the command is applied
     if (letter_id is None) == (reason is None):
         raise fail("give a dead letter id or --reason", 2)
     with session() as opened:
         letters = ([deadletters.get(opened, letter_id)] if letter_id is not None
                    else list(deadletters.list_(opened, reason=reason)))
-        chosen = [Replay(letter.id, letter.task, letter.command_id, letter.kwargs)
-                  for letter in letters if letter is not None]
+        chosen = [Replay.of(letter) for letter in letters if letter is not None]
     if not chosen:
         raise fail(f"dead letter {letter_id} not found" if letter_id is not None
                    else f"no dead letter with reason {reason}")
-    for skipped in (replay for replay in chosen if not replay.replayable):
-        errors.print(f"dead letter {skipped.letter_id} cannot be replayed "
-                     "(no task name or keyword arguments were kept)", highlight=False)
-    replayable = [replay for replay in chosen if replay.replayable]
+    for skipped in chosen:
+        if skipped.problem is not None:
+            errors.print(f"dead letter {skipped.letter_id} cannot be replayed: "
+                         f"{skipped.problem}", highlight=False)
+    replayable = [replay for replay in chosen if replay.problem is None]
     # The bar goes to stderr so that stdout stays one JSON object a line, or one table.
     steps: Iterable[Replay] = (
         replayable if as_json or len(replayable) < 2
@@ -475,26 +465,15 @@ def dead_letters_replay(
     rows: list[dict[str, Any]] = []
     try:
         for replay in steps:
-            assert replay.task is not None and replay.kwargs is not None
-            kwargs = dict(replay.kwargs)
-            if replay.command_id:
-                # The original key (the task id when none was given): an applied one is a
-                # duplicate, not applied twice.
-                kwargs["command_id"] = replay.command_id
-            sent: SendResult = publish(replay.task, kwargs)
-            with session() as opened:
-                deadletters.discard(opened, replay.letter_id)
-            if wait:
-                sent = wait_for(sent.task_id, sent.command_id, timeout)
-            row = {"dead_letter": replay.letter_id, "task": replay.task,
-                   "task_id": sent.task_id, "command_id": sent.command_id,
-                   "outcome": sent.outcome,
-                   **({"reason": sent.reason, "error": sent.error} if sent.reason else {})}
+            row = apply_again(replay)
             rows.append(row)
             if as_json:
                 print(json.dumps(row, default=str), flush=True)
-    except (NoServerError, BrokerUnreachable) as error:
+    except NoServerError as error:
         raise fail(f"{error} ({len(rows)} replayed before it)", CONFIG) from None
+    except (OperationalError, InterfaceError) as error:
+        raise fail(f"{database_problem(error)} ({len(rows)} replayed before it)",
+                   CONFIG) from None
     if rows and not as_json:
         emit_rows(rows, False, "replayed dead letters")
     if any(row["outcome"] == "rejected" for row in rows) or len(replayable) < len(chosen):

@@ -34,7 +34,6 @@ answered as a duplicate, never applied twice.
 
 from __future__ import annotations
 
-import reprlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -59,13 +58,7 @@ from worker.schemas import (
     UserUpdate,
     parse,
 )
-from worker.security import redact
-
-# Not worker.celery_app.safe_repr: importing it would build the worker's app here.
-_repr = reprlib.Repr()
-_repr.maxstring = 200
-_repr.maxother = 200
-_repr.maxlevel = 4
+from worker.security import printable, safe_repr
 
 # Seconds before an unreachable broker or result store is reported instead of retried.
 CONNECT_TIMEOUT = 5.0
@@ -150,7 +143,7 @@ def command_kwargs(task: str, *, data: BaseModel | dict[str, Any] | None = None,
     """The command's keyword arguments, validated as the worker will (`Invalid` otherwise)."""
     spec = SPECS.get(task)
     if spec is None:
-        raise Invalid(f"no command named {task!r}: one of {', '.join(sorted(SPECS))}")
+        raise Invalid(f"no command named {printable(task)!r}: one of {', '.join(sorted(SPECS))}")
     kwargs: dict[str, Any] = {}
     if spec.data_model is not None:
         if isinstance(data, BaseModel):
@@ -190,14 +183,14 @@ def send(
 
 def publish(task: str, kwargs: dict[str, Any], *, wait: float | None = None,
             settings: Settings | None = None) -> SendResult:
-    """Publish keyword arguments as they are, unvalidated (replay uses this); see `send`."""
+    """Publish keyword arguments as they are, unvalidated; see `send`."""
     settings = settings or get_settings()
     try:
         sent = _publisher(broker_url(settings), settings.commands_queue,
                           settings.broker_sentinel_master).send_task(
             task, kwargs=kwargs, queue=settings.commands_queue,
             # Producers' reprs travel in the message headers: keep secrets out of them.
-            argsrepr="()", kwargsrepr=_repr.repr(redact(kwargs)),
+            argsrepr="()", kwargsrepr=safe_repr(kwargs),
         )
     except _UNREACHABLE as error:
         raise BrokerUnreachable(f"cannot publish to the broker: {type(error).__name__}: "

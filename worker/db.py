@@ -90,6 +90,9 @@ def build_engine(settings: Settings | None = None, url: str | None = None) -> En
     engine = create_engine(
         sync_url(url or database_url(settings)),
         **pool_options(settings),
+        # A failed statement's message would otherwise carry its parameters (a payload, a
+        # hash) into logs and tracebacks.
+        hide_parameters=True,
         connect_args={"options": options, "application_name": "command-worker"},
     )
     event.listen(engine, "before_cursor_execute", _begin_with_first_statement, retval=True)

@@ -159,7 +159,12 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(String(32), index=True)
     error: Mapped[str] = mapped_column(Text)
     kwargs: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The argon2id hash of the command's password, for replay: never in `kwargs`, never shown.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
     raw_body: Mapped[str | None] = mapped_column(Text)
+    # A queue item that never became a command: its size, and its digest when no text is kept.
+    raw_size: Mapped[int | None] = mapped_column(BigInteger)
+    raw_sha256: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
     )

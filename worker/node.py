@@ -70,7 +70,8 @@ class CommandRequest:
         if self.message.raw is not None:
             try:
                 decoded = protocol.decode(self.message.raw, len(self.message.raw) * 64)
-                args, kwargs = safe_repr(decoded.args), safe_repr(decoded.kwargs)
+                args = safe_repr(decoded.args, positional=True)
+                kwargs = safe_repr(decoded.kwargs)
             except protocol.UndecodableMessage:
                 pass
         return {"id": self.id, "name": self.name, "args": args, "kwargs": kwargs,
@@ -250,7 +251,7 @@ class Intake:
                 if message.raw is not None:
                     try:
                         decoded = protocol.decode(message.raw, self.max_bytes)
-                        fields.update(args=safe_repr(decoded.args),
+                        fields.update(args=safe_repr(decoded.args, positional=True),
                                       kwargs=safe_repr(decoded.kwargs))
                     except protocol.UndecodableMessage:
                         pass

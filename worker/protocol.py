@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from worker.security import redact
+from worker.security import printable, safe_repr
 
 JSON = "application/json"
 #: Nesting deeper than this in args or kwargs is refused (`invalid`): no command needs more
@@ -61,7 +61,8 @@ def encode(
             "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
             "expires": None, "group": None, "group_index": None, "retries": 0,
             "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-            "argsrepr": repr(redact(args or [])), "kwargsrepr": repr(redact(kwargs)),
+            "argsrepr": safe_repr(args or [], positional=True),
+            "kwargsrepr": safe_repr(kwargs),
             "origin": "worker.protocol", "ignore_result": False, **(headers or {}),
         },
         "properties": {
@@ -113,7 +114,7 @@ class Message:
 def _decompress(body: bytes, method: str, limit: int) -> bytes:
     factory = _DECOMPRESSORS.get(method)
     if factory is None:
-        raise UndecodableMessage(f"compression {method[:100]!r} is not accepted")
+        raise UndecodableMessage(f"compression {printable(method)!r} is not accepted")
     decompressor = factory()
     try:
         # Never more than the size limit out of it, however small the input: no bomb gets in.
@@ -144,8 +145,7 @@ def decode(raw: bytes, limit: int = 1 << 20) -> Message:
         raise UndecodableMessage("the queue item is not a JSON object")
     content_type = envelope.get("content-type")
     if content_type != JSON:
-        shown = content_type[:100] if isinstance(content_type, str) else content_type
-        raise UndecodableMessage(f"content type {shown!r} is not accepted "
+        raise UndecodableMessage(f"content type {printable(content_type)!r} is not accepted "
                                  "(only application/json)")
     headers, properties = envelope.get("headers"), envelope.get("properties")
     if not isinstance(headers, dict) or not isinstance(properties, dict):

@@ -47,7 +47,8 @@ def schema_revisions(url: str) -> tuple[set[str], set[str]]:
     """(the database's current revisions, the code's heads)."""
     heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
     # A bounded connect: `check` must answer, not hang, when the host does not.
-    engine = create_engine(sync_url(url), connect_args={"connect_timeout": 10})
+    engine = create_engine(sync_url(url), connect_args={"connect_timeout": 10},
+                           hide_parameters=True)
     try:
         with engine.connect() as connection:
             current = set(MigrationContext.configure(connection).get_current_heads())

@@ -40,8 +40,7 @@ def _hashed(data: UserCreate | UserUpdate) -> Any:
     """`data` with its password replaced by the hash (what worker/writes.py stores)."""
     if data.password is None:
         return data
-    hashed = hash_password(data.password.get_secret_value())
-    return data.model_copy(update={"password": None, "password_hash": hashed})
+    return data.with_password_hash(hash_password(data.password.get_secret_value()))
 
 
 def create(session: Session, data: UserCreate) -> User:
