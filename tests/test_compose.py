@@ -418,22 +418,21 @@ class HealthcheckTarget:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def consumer_hostnames(self) -> set[str]:
-        """The hostnames the consumer's processes send their events under."""
-        children = psutil.Process(self.worker.process.pid).children()
-        return {f"batch-{child.pid}@{socket.gethostname()}" for child in children}
+        """The node name the worker sends its heartbeats under."""
+        return {self.worker.name}
 
 
 @pytest.fixture(scope="module")
 def healthcheck_target(database_url: str, broker_url: str,
                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealthcheckTarget]:
-    """A batch consumer, as compose's worker runs, on a Redis database of its own."""
+    """A worker node, as compose's worker runs, on a Redis database of its own."""
     # Database 15: nothing this consumer or the healthcheck leaves in Redis reaches other tests
     # (events too: kombu's pub/sub channels carry the database number).
     isolated = urlunsplit(urlsplit(broker_url)._replace(path="/15"))
     client = redis.Redis.from_url(isolated)
     client.flushdb()
     log = tmp_path_factory.mktemp("healthcheck") / "worker.log"
-    worker = start_worker(database_url, isolated, log, kind="batch")
+    worker = start_worker(database_url, isolated, log)
     bin_dir = str(Path(sys.executable).parent)
     try:
         yield HealthcheckTarget(worker, client, {
@@ -449,14 +448,14 @@ def test_the_worker_healthcheck_passes_for_the_running_consumer_and_fails_for_an
     healthcheck_target: HealthcheckTarget,
 ) -> None:
     healthy = healthcheck_target.check()
-    missing = healthcheck_target.check("--hostname", "batch-*@no-such-host", "--timeout", "3")
+    missing = healthcheck_target.check("--hostname", "*@no-such-host", "--timeout", "3")
 
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     heard = re.search(r"consumer: ok \((\S+)\)", healthy.stdout)
     assert heard, healthy.stdout
     assert heard.group(1) in healthcheck_target.consumer_hostnames(), healthy.stdout
     assert missing.returncode == 1, missing.stdout + missing.stderr
-    assert "consumer: no heartbeat from batch-*@no-such-host in 3 s" in missing.stdout
+    assert "consumer: no heartbeat from *@no-such-host in 3 s" in missing.stdout
 
 
 Added = tuple[set[bytes], set[tuple[bytes, bytes]]]  # keys, binding members (table, member)

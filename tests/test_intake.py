@@ -16,8 +16,10 @@ import redis
 from sqlalchemy import create_engine, text
 
 from tests.conftest import WorkerProcess
+from worker.broker import QueueKeys
 from worker.protocol import encode
-from worker.transport import deliveries_key
+
+KEYS = QueueKeys("commands")
 
 pytestmark = pytest.mark.integration
 
@@ -146,13 +148,13 @@ def test_a_message_delivered_too_often_ends_as_retries_exhausted(
     queue: redis.Redis, clean_database: str
 ) -> None:
     raw = encode("tags.create", {"data": {"name": "poison"}, "command_id": "poison-1"})
-    tag = json.loads(raw)["properties"]["delivery_tag"]
+    digest = hashlib.sha1(raw).hexdigest()  # noqa: S324 - Redis's own digest of the item
     # As if five workers had died running it: the next delivery is the sixth.
-    queue.hset(deliveries_key("commands"), tag, 5)
+    queue.hset(KEYS.deliveries, digest, 5)
     push_then_check_alive(queue, clean_database, raw)
     (letter,) = wait_for(clean_database, 1)
     assert (letter.reason, letter.command_id) == ("retries_exhausted", "poison-1")
-    assert queue.hget(deliveries_key("commands"), tag) is None
+    assert queue.hget(KEYS.deliveries, digest) is None
 
 
 @pytest.mark.parametrize("task_id", ["nul\x00id", "x" * 300])
@@ -182,50 +184,12 @@ def test_nothing_is_left_unacknowledged_after_the_work(
 ) -> None:
     push_then_check_alive(queue, clean_database, b"garbage")
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (queue.hlen("unacked") or queue.zcard("unacked_index")):
+    while time.monotonic() < deadline and (queue.hlen(KEYS.unacked)
+                                           or queue.zcard(KEYS.unacked_index)):
         time.sleep(0.05)
-    assert queue.hlen("unacked") == 0 and queue.zcard("unacked_index") == 0
+    assert queue.hlen(KEYS.unacked) == 0 and queue.zcard(KEYS.unacked_index) == 0
     assert queue.llen("commands") == 0
-    assert queue.llen("commands.quarantine") == 0
-    assert queue.hlen(deliveries_key("commands")) == 0
-
-
-def test_consumers_draining_a_quarantine_at_once_record_each_item_once(
-    broker_url: str,
-) -> None:
-    # Two consumers that quarantined items at the same moment both drain: each item must be
-    # recorded once, not once by each (a slow record is when they would overlap).
-    import threading
-
-    from worker import transport
-
-    client = redis.Redis.from_url(broker_url)
-    queue_name = f"drain-{uuid.uuid4().hex[:8]}"
-    key = transport.quarantine_key(queue_name)
-    items = [f"garbage-{index}".encode() for index in range(5)]
-    client.lpush(key, *items)
-    recorded: list[bytes] = []
-
-    def record(queue_name: str, raw: bytes) -> None:
-        recorded.append(raw)
-        time.sleep(0.05)
-
-    transport.set_quarantine_handler(record)
-    try:
-        drainers = [threading.Thread(target=transport.drain_quarantine,
-                                     args=(redis.Redis.from_url(broker_url), queue_name))
-                    for _ in range(3)]
-        for drainer in drainers:
-            drainer.start()
-        for drainer in drainers:
-            drainer.join(10)
-        # A drainer that found the lock taken left the rest to the holder; a later sweep (or
-        # this call) finds nothing left.
-        transport.drain_quarantine(client, queue_name)
-    finally:
-        transport.set_quarantine_handler(None)
-    assert sorted(recorded) == sorted(items)
-    assert client.llen(key) == 0
+    assert queue.hlen(KEYS.deliveries) == 0
 
 
 def hostile_body(body: str, **header_changes: Any) -> bytes:
@@ -255,7 +219,7 @@ def test_values_postgres_cannot_store_still_end_in_one_dead_letter_each(
     assert [letter.reason for letter in found] == ["invalid"] * len(bodies)
     assert all(secret not in json.dumps(letter.kwargs) for letter in found)
     assert secret not in worker_process.log_text()
-    assert queue.hlen(deliveries_key("commands")) == 0
+    assert queue.hlen(KEYS.deliveries) == 0
 
 
 def test_a_message_with_a_null_task_id_and_no_command_id_is_invalid_not_a_duplicate(
@@ -270,13 +234,8 @@ def test_a_message_with_a_null_task_id_and_no_command_id_is_invalid_not_a_duplic
 
 
 def test_keyword_arguments_nested_700_deep_end_in_a_redacted_dead_letter(
-    queue: redis.Redis, clean_database: str, worker_process: WorkerProcess,
-    request: pytest.FixtureRequest
+    queue: redis.Redis, clean_database: str, worker_process: WorkerProcess
 ) -> None:
-    if request.node.callspec.params.get("worker_process") == "celery":
-        # Not this layer's: the prefork pool pickles the arguments to its child, and
-        # pickle's recursion at 700 levels stops the worker ("Unrecoverable error").
-        pytest.skip("the Celery prefork worker cannot hand such arguments to its pool")
     secret = "deep-secret-41"
     deep = '{"k": ' * 700 + '"x"' + "}" * 700
     body = '[[], {"data": DEEP, "items": [{"password": "SECRET"}]}, {}]'

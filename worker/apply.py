@@ -477,9 +477,10 @@ def _reset(commands: Sequence[Command]) -> None:
             command.rejection = None
 
 
-def record_exhausted(command: Command, detail: str) -> None:
-    """Dead-letter a command whose transient faults outlasted the retry policy."""
+def record_exhausted(command: Command, detail: str,
+                     rejection: type[RetriesExhausted] = RetriesExhausted) -> None:
+    """Dead-letter a command whose transient faults (or time limit) outlasted the policy."""
     command.result = None
-    command.rejection = RetriesExhausted(detail)
+    command.rejection = rejection(detail)
     with transaction() as session:
         record_dead_letter(session, command)

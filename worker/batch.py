@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from billiard.exceptions import SoftTimeLimitExceeded
 from celery import signals
 from celery.utils.time import utcoffset
 from sqlalchemy import exc as sa_exc
@@ -36,7 +37,13 @@ from sqlalchemy import exc as sa_exc
 from worker import apply, deadletters, protocol
 from worker.broker import QueueKeys, Scripts, Taken, finish_arguments
 from worker.config import get_settings
-from worker.errors import CommandRejected, Invalid, Undecodable
+from worker.errors import (
+    CommandRejected,
+    Invalid,
+    RetriesExhausted,
+    TimeLimitExceeded,
+    Undecodable,
+)
 from worker.security import safe_repr
 
 logger = logging.getLogger(__name__)
@@ -177,12 +184,13 @@ def apply_commands(commands: list[apply.Command],
             time.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
 
 
-def _exhaust(commands: list[apply.Command], detail: str) -> None:
+def _exhaust(commands: list[apply.Command], detail: str,
+             rejection: type[RetriesExhausted] = RetriesExhausted) -> None:
     pending = [c for c in commands if c.result is None and c.rejection is None]
     while pending:
         try:
             for command in list(pending):
-                apply.record_exhausted(command, detail)
+                apply.record_exhausted(command, detail, rejection)
                 pending.remove(command)
         except sa_exc.SQLAlchemyError:
             # Not recorded yet: the messages stay unacknowledged until it is.
@@ -378,6 +386,17 @@ class BatchRunner:
         try:
             apply_commands([d.command for d in deliveries], on_retry=retried)
             return deliveries, []
+        except SoftTimeLimitExceeded:
+            if len(deliveries) > 1:
+                # The worker's time limit, on a whole batch: back on the queue, where each
+                # comes again alone (counted) and only the slow one meets the limit.
+                logger.warning("a batch of %d outlasted the soft time limit; its commands go "
+                               "back on the queue, each to be applied alone", len(deliveries))
+                return [], deliveries
+            (delivery,) = deliveries
+            _exhaust([_forgotten(delivery.command)], "the command outlasted its time limit",
+                     TimeLimitExceeded)
+            return deliveries, []
         except Exception:
             if len(deliveries) == 1:
                 logger.exception("command %s failed; left for redelivery",
@@ -503,12 +522,15 @@ class BatchRunner:
 
 
 def _forget(command: apply.Command) -> None:
-    """Undo what a failed try left on a command, so that it can be applied afresh."""
+    """Undo what a rolled-back try left on a command, so that it can be applied afresh."""
     command.result = None
     if command.item is not None and command.rejection is not None:
         command.rejection = None
-    command.key = None
-    command.item = None
+
+
+def _forgotten(command: apply.Command) -> apply.Command:
+    _forget(command)
+    return command
 
 
 def _is_redis_backend(backend: Any) -> bool:

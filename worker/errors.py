@@ -56,6 +56,14 @@ class RetriesExhausted(CommandRejected):
     reason = "retries_exhausted"
 
 
+class TimeLimitExceeded(RetriesExhausted):
+    """A command outlasted its time limit (a message's `timelimit`, or its task's).
+
+    Named as Celery's own exception, which is what a producer that set the limit expects in
+    the result; its reason is `retries_exhausted`: the command can be replayed without it.
+    """
+
+
 class UnknownCommand(CommandRejected):
     """No task has this name."""
 

@@ -193,8 +193,9 @@ def worker_command(concurrency: int, batch_size: int, queue: str) -> list[str]:
 
 
 def flower_command(settings: Settings) -> list[str]:
-    """Flower's command line; its password comes from the environment, never argv (`ps`)."""
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
+    """Flower's command line (worker/flower.py: every page behind the credentials); its
+    password comes from the environment, never argv (`ps`)."""
+    return [sys.executable, "-m", "worker.flower",
             f"--address={settings.flower_address}", f"--port={settings.flower_port}"]
 
 
