@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from sqlalchemy import create_engine, make_url
 from alembic import command
 from worker.config import Settings, running_servers_file
 from worker.db import sync_url
-from worker.servers import EmbeddedPostgres, EmbeddedRedis
+from worker.servers import EmbeddedPostgres, EmbeddedRedis, port_free
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,15 +94,8 @@ class Servers:
 
 
 def _reusable(port: int | None) -> int | None:
-    """`port` if it is free to bind on 127.0.0.1, else None (a new one is chosen)."""
-    if port is None:
-        return None
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return None
-    return port
+    """`port` if a server can listen on it again, else None (a new one is chosen)."""
+    return port if port is not None and port_free(port) else None
 
 
 def _running_pid(record: Path) -> int | None:

