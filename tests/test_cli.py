@@ -6,6 +6,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.conftest import WorkerProcess
+from tests.conftest import ROOT, WorkerProcess
 from worker.cli import app
 
 pytestmark = pytest.mark.integration
@@ -232,3 +234,43 @@ def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str | None) -> Iterato
         monkeypatch.undo()
         get_settings.cache_clear()
         db.reset_engine()
+
+
+SERVER_VARIABLES = ("DATABASE_URL", "BROKER_URL", "RESULT_BACKEND")
+
+
+def python_m_worker(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m worker ARGS` as a shell would run it, output piped, `env` added to a
+    environment without the suite's server URLs."""
+    environment = {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
+    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=cwd,
+                          env={**environment, **env}, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.mark.parametrize(("variable", "value", "command"), [
+    ("MAX_RETRIES", "abc", ["tags", "list"]),
+    ("DATABASE_URL", "foo", ["run"]),
+    ("DATABASE_URL", "mysql://app:hunter2-secret@db/app", ["check"]),
+    ("BROKER_URL", "http://127.0.0.1:6379/0", ["send", "tags.create", "--data", '{"name": "x"}']),
+    ("FLOWER_BASIC_AUTH", "operator-without-a-password", ["run"]),
+])
+def test_a_bad_setting_is_one_line_that_names_it_and_exits_3(
+    variable: str, value: str, command: list[str], tmp_path: Path
+) -> None:
+    done = python_m_worker(*command, cwd=tmp_path, **{variable: value})
+
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+    assert done.stderr.startswith(f"error: bad configuration: {variable}: "), done.stderr
+    assert "hunter2" not in done.stderr  # a URL's password is never repeated
+
+
+def test_a_bad_setting_in_the_dot_env_file_is_reported_the_same_way(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DB_POOL_SIZE=0\n")
+
+    done = python_m_worker("users", "list", cwd=tmp_path)
+
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == ("error: bad configuration: DB_POOL_SIZE: Input should be greater than "
+                           "or equal to 1 (got '0')\n")

@@ -14,38 +14,59 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import track
 from rich.table import Table
 from sqlalchemy.orm import Session
+from typer import _click  # typer vendors click: its Context is what TyperGroup.invoke takes
+from typer.core import TyperGroup
 
-from worker.config import NoServerError, get_settings
+from worker.config import get_settings
+from worker.errors import NoServerError, OperatorError
 
-app = typer.Typer(help="A worker that applies user, post and tag commands from Redis to "
-                       "PostgreSQL.", no_args_is_help=True, add_completion=False)
-dead_letters_app = typer.Typer(help="Inspect, replay and discard dead letters.",
-                               no_args_is_help=True)
-commands_app = typer.Typer(help="The recorded outcome of commands.", no_args_is_help=True)
-users_app = typer.Typer(help="Read users.", no_args_is_help=True)
-posts_app = typer.Typer(help="Read posts (with their author and tags).", no_args_is_help=True)
-tags_app = typer.Typer(help="Read tags.", no_args_is_help=True)
+console = Console()
+errors = Console(stderr=True)
+
+# Exit codes: 0 done, 1 rejected / not found / unhealthy, 2 usage, 3 no server or bad config.
+REJECTED, USAGE, CONFIG = 1, 2, 3
+
+
+class CommandGroup(TyperGroup):
+    """A group of commands whose operator errors end in one line and exit 3, never a traceback."""
+
+    def invoke(self, ctx: _click.Context) -> Any:
+        """Run the chosen command; a bad setting or a missing server is reported, not traced."""
+        try:
+            return super().invoke(ctx)
+        except OperatorError as error:
+            raise fail(str(error), CONFIG) from None
+
+
+def group(help: str, **settings: Any) -> typer.Typer:
+    """A command group of this CLI."""
+    return typer.Typer(cls=CommandGroup, help=help, no_args_is_help=True, **settings)
+
+
+app = group("A worker that applies user, post and tag commands from Redis to PostgreSQL.",
+            add_completion=False)
+dead_letters_app = group("Inspect, replay and discard dead letters.")
+commands_app = group("The recorded outcome of commands.")
+users_app = group("Read users.")
+posts_app = group("Read posts (with their author and tags).")
+tags_app = group("Read tags.")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(commands_app, name="commands")
 app.add_typer(users_app, name="users")
 app.add_typer(posts_app, name="posts")
 app.add_typer(tags_app, name="tags")
 
-console = Console()
-errors = Console(stderr=True)
-
-# Exit codes: 0 done, 1 rejected / not found / unhealthy, 2 usage, 3 no server or bad config.
-REJECTED, CONFIG = 1, 3
-
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 
 
 def fail(message: str, code: int = REJECTED) -> typer.Exit:
     """Print `message` to stderr; the exit to raise."""
-    errors.print(f"[red]error:[/] {message}", highlight=False)
+    # One line whatever the width: a terminal folds it, a pipe or a log keeps it whole.
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -260,7 +281,8 @@ def check(
     from worker.runner import redis_warnings, schema_revisions
 
     if not consumer and (hostname is not None or timeout is not None):
-        raise fail("--hostname and --timeout go with --consumer", 2)
+        raise fail("--hostname and --timeout go with --consumer", USAGE)
+    get_settings()  # a bad setting is the operator's to fix (exit 3), not an unhealthy server
     pattern = hostname if hostname is not None else f"batch-*@{socket.gethostname()}"
     wait = timeout if timeout is not None else 10.0
     results: dict[str, str] = {}
