@@ -11,6 +11,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from worker.models import DeadLetter
+from worker.schemas import timestamp
 from worker.security import REDACTED
 
 RAW_BODY_LIMIT = 64 * 1024
@@ -115,5 +116,5 @@ def to_dict(letter: DeadLetter) -> dict[str, Any]:
         "reason": letter.reason,
         "error": letter.error,
         "kwargs": letter.kwargs,
-        "received_at": letter.received_at.isoformat(),
+        "received_at": timestamp(letter.received_at),
     }
