@@ -399,3 +399,29 @@ def test_output_to_a_pipe_is_not_wrapped_or_cut_and_every_timestamp_is_utc_with_
         ["commands", "show", "piped-user"])]
     stamps = [match.group(0) for text in outputs for match in TIMESTAMP.finditer(text)]
     assert len(stamps) >= 6 and all(stamp.endswith('Z"') for stamp in stamps), stamps
+
+
+def test_env_prints_the_urls_in_force_for_a_shell_to_evaluate(served: None) -> None:
+    done = python_m_worker("env", servers=True, COMMANDS_QUEUE="commands")
+    shell = subprocess.run(["bash", "-c", f'{done.stdout}\necho "$BROKER_URL $RESULT_BACKEND"'],
+                           capture_output=True, text=True, env={}, check=True, timeout=30)
+
+    assert done.returncode == 0, done.stderr
+    assert shell.stdout.split() == [os.environ["BROKER_URL"], os.environ["BROKER_URL"]]
+    assert lines(python_m_worker("env", "--json", servers=True).stdout)[0]["DATABASE_URL"] == (
+        os.environ["DATABASE_URL"])
+
+
+def test_env_without_urls_or_a_running_server_exits_3(tmp_path: Path) -> None:
+    done = python_m_worker("env", cwd=tmp_path)
+
+    assert done.returncode == 3 and done.stdout == ""
+    assert "no `python -m worker run` is running" in done.stderr
+
+
+def test_flower_is_never_started_without_a_password(tmp_path: Path) -> None:
+    done = python_m_worker("flower", cwd=tmp_path)
+
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr == ("error: FLOWER_BASIC_AUTH is not set: Flower is never started "
+                           "without a password (set it to user:password)\n")

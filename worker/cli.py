@@ -5,7 +5,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shlex
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -18,7 +20,7 @@ from typer import _click  # typer vendors click: its Context is what TyperGroup.
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from worker.bench import bench
-from worker.errors import NoServerError, OperatorError
+from worker.errors import NoServerError, OperatorError, first_line
 
 if TYPE_CHECKING:
     # Only for annotations: `--help` and usage errors are answered before SQLAlchemy, Celery,
@@ -143,12 +145,6 @@ def fail(message: str, code: int = REJECTED) -> typer.Exit:
     return typer.Exit(code)
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of the driver's message (SQLAlchemy appends a long footer)."""
-    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def database_problem(error: Exception) -> str:
     """What to tell the operator about a database error, in one line (no traceback)."""
     from sqlalchemy.exc import ProgrammingError
@@ -243,8 +239,10 @@ def run(
 ) -> None:
     """Run the worker (and Flower when FLOWER_BASIC_AUTH is set) until Ctrl-C.
 
-    With DATABASE_URL and BROKER_URL unset, private PostgreSQL and Redis servers are started
-    under DATA_DIR (.data) and kept there between runs.
+    With DATABASE_URL and BROKER_URL unset (or naming these very servers, as `env` prints
+    them), private PostgreSQL and Redis servers are started under DATA_DIR (.data) and kept
+    there between runs, on the same ports. Ctrl-C or SIGTERM stops everything in the reverse
+    order it started; a part that fails stops the rest, and says why (exit 3).
     """
     from worker.runner import RunError
     from worker.runner import run as run_worker
@@ -257,6 +255,47 @@ def run(
     except RunError as error:
         raise fail(str(error), CONFIG) from None
     raise typer.Exit(code)
+
+
+@app.command("env")
+def env(as_json: JsonOption = False) -> None:
+    """Print the servers' URLs as shell variables: eval "$(python -m worker env)".
+
+    DATABASE_URL, BROKER_URL, RESULT_BACKEND and COMMANDS_QUEUE as the other commands use
+    them: as configured, else those of the `run` serving this directory. Any client started
+    from that shell (a Celery producer, celery-node, redis-cli -u "$BROKER_URL") then reaches
+    the same servers. Exit 3 when no URL is set and no `run` serves this directory.
+    """
+    from worker.config import broker_url, database_url, result_backend_url
+
+    settings = get_settings()
+    values = {"DATABASE_URL": database_url(settings), "BROKER_URL": broker_url(settings),
+              "RESULT_BACKEND": result_backend_url(settings),
+              "COMMANDS_QUEUE": settings.commands_queue}
+    if as_json:
+        print(json.dumps(values))
+        return
+    for name, value in values.items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
+@app.command()
+def flower() -> None:
+    """Start Flower, the dashboard, behind FLOWER_BASIC_AUTH (never without it).
+
+    It listens on FLOWER_ADDRESS:FLOWER_PORT (127.0.0.1:5555). The password reaches Flower in
+    its environment, never on its command line (which `ps` and `docker inspect` show). `run`
+    and the compose file's `flower` service start Flower this way. Exit 3 without a password.
+    """
+    settings = get_settings()
+    if not settings.flower_basic_auth:
+        raise fail("FLOWER_BASIC_AUTH is not set: Flower is never started without a password "
+                   "(set it to user:password)", CONFIG)
+    os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth  # also when read from .env
+    # Flower takes this process's place: its pid, its signals (Ctrl-C, `docker stop`).
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "worker.celery_app",  # noqa: S606
+                              "flower", f"--address={settings.flower_address}",
+                              f"--port={settings.flower_port}"])
 
 
 @app.command()

@@ -88,3 +88,9 @@ REJECTIONS: dict[str, type[CommandRejected]] = {
     cls.reason: cls
     for cls in (Invalid, NotFound, Conflict, Stale, RetriesExhausted, UnknownCommand, Undecodable)
 }
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a driver's message (SQLAlchemy appends a long footer)."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

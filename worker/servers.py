@@ -39,19 +39,25 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:`port` now.
+    """Whether a server could listen on 127.0.0.1:`port` now (see `address_free`)."""
+    return address_free("127.0.0.1", port)
 
-    The probe sets SO_REUSEADDR, as PostgreSQL and Redis do on their listening sockets: the
-    port of a server that has just stopped keeps the connections it closed in TIME_WAIT for a
-    minute, which refuses a plain bind but not theirs. A port that anything listens on or has
-    bound is refused either way.
+
+def address_free(address: str, port: int) -> bool:
+    """Whether a server could listen on `address`:`port` now.
+
+    The probe sets SO_REUSEADDR, as PostgreSQL, Redis and Tornado (Flower) do on their
+    listening sockets: the port of a server that has just stopped keeps the connections it
+    closed in TIME_WAIT for a minute, which refuses a plain bind but not theirs. A port that
+    anything listens on or has bound is refused either way, as is an address not of this host.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                           socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((address, port))
+    except OSError:
+        return False
     return True
 
 
@@ -305,7 +311,12 @@ class EmbeddedPostgres(_Server):
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of the `postgres` database as superuser `postgres`."""
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_on(self.port)
+
+    @staticmethod
+    def url_on(port: int) -> str:
+        """The URL of such a server listening on `port`."""
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
 
     def start(self, timeout: float = 30) -> None:
         """Initialise the cluster on first use, start it and wait until it accepts connections."""
@@ -502,7 +513,12 @@ class EmbeddedRedis(_Server):
     @property
     def url(self) -> str:
         """The redis:// URL of database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_on(self.port)
+
+    @staticmethod
+    def url_on(port: int) -> str:
+        """The URL of such a server listening on `port`."""
+        return f"redis://127.0.0.1:{port}/0"
 
     def start(self, timeout: float = 15) -> None:
         """Start the server (loading its AOF) and wait until it answers PING."""
