@@ -23,7 +23,8 @@ SECRET_SETTINGS = ("database_url", "broker_url", "result_backend", "flower_basic
 class Settings(BaseSettings):
     """Configuration for the worker, its CLI and Alembic; names match CONTRACT.md."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # An empty variable counts as unset, as in Compose (`FLOWER_BASIC_AUTH=` turns Flower off).
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
 
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of PostgreSQL; unset: the embedded server"

