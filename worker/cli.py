@@ -5,53 +5,143 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shlex
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Annotated, Any
+from functools import cache
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import Console
-from rich.progress import track
-from rich.table import Table
-from sqlalchemy.orm import Session
+from typer import _click  # typer vendors click: its Context is what TyperGroup.invoke takes
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from worker.config import NoServerError, get_settings
+from worker.bench import bench
+from worker.errors import NoServerError, OperatorError, first_line
 
-app = typer.Typer(help="A worker that applies user, post and tag commands from Redis to "
-                       "PostgreSQL.", no_args_is_help=True, add_completion=False)
-dead_letters_app = typer.Typer(help="Inspect, replay and discard dead letters.",
-                               no_args_is_help=True)
-commands_app = typer.Typer(help="The recorded outcome of commands.", no_args_is_help=True)
-users_app = typer.Typer(help="Read users.", no_args_is_help=True)
-posts_app = typer.Typer(help="Read posts (with their author and tags).", no_args_is_help=True)
-tags_app = typer.Typer(help="Read tags.", no_args_is_help=True)
+if TYPE_CHECKING:
+    # Only for annotations: `--help` and usage errors are answered before SQLAlchemy, Celery,
+    # pydantic-settings or Rich are imported (each command imports what it uses).
+    from rich.console import Console
+    from rich.text import Text
+    from sqlalchemy.orm import Session
+
+# Exit codes: 0 done, 1 rejected / not found / unhealthy, 2 usage, 3 no server or bad config.
+REJECTED, USAGE, CONFIG = 1, 2, 3
+# The width of output that is not a terminal: a pipe or a file is not 80 columns wide, so
+# neither lines nor tables are folded or cut to fit one.
+UNBOUNDED_WIDTH = 1_000_000
+
+
+def summary(help: str | None) -> str:
+    """The first paragraph of a help text in one line: what a command list shows, whole (click
+    cuts it at 45 characters; the list wraps it instead)."""
+    return " ".join((help or "").strip().split("\n\n")[0].split())
+
+
+class Command(TyperCommand):
+    """A command whose usage line names its arguments as `TASK` and `[ID]`."""
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The summary line of the command, whole."""
+        return self.short_help or summary(self.help)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument) and param.metavar is None:
+                param.metavar = (param.name or "").upper()
+
+    def collect_usage_pieces(self, ctx: _click.Context) -> list[str]:
+        """[OPTIONS], then each argument: bare when required, in brackets when optional."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or (param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class CommandGroup(TyperGroup):
+    """A group of commands whose operator errors end in one line and exit 3, never a traceback."""
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The summary line of the group, whole."""
+        return self.short_help or summary(self.help)
+
+    def invoke(self, ctx: _click.Context) -> Any:
+        """Run the chosen command; a bad setting or a missing server is reported, not traced."""
+        try:
+            return super().invoke(ctx)
+        except OperatorError as error:
+            raise fail(str(error), CONFIG) from None
+
+
+class CommandLine(typer.Typer):
+    """A group of this CLI: plain help (fast, and reflowed to the terminal), our classes."""
+
+    def __init__(self, help: str, **settings: Any) -> None:
+        super().__init__(cls=CommandGroup, help=help, no_args_is_help=True,
+                         rich_markup_mode=None, **settings)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        """Register a command of class `Command`."""
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
+
+
+app = CommandLine("A worker that applies user, post and tag commands from Redis to PostgreSQL.",
+                  add_completion=False)
+dead_letters_app = CommandLine("Inspect, replay and discard dead letters.")
+commands_app = CommandLine("The recorded outcome of commands.")
+users_app = CommandLine("Read users.")
+posts_app = CommandLine("Read posts (with their author and tags).")
+tags_app = CommandLine("Read tags.")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(commands_app, name="commands")
 app.add_typer(users_app, name="users")
 app.add_typer(posts_app, name="posts")
 app.add_typer(tags_app, name="tags")
 
-console = Console()
-errors = Console(stderr=True)
 
-# Exit codes: 0 done, 1 rejected / not found / unhealthy, 2 usage, 3 no server or bad config.
-REJECTED, CONFIG = 1, 3
+@cache
+def output(stderr: bool = False) -> Console:
+    """Where the CLI prints for people: stdout (or stderr), as wide as the output is."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=UNBOUNDED_WIDTH)
+    return console
+
+
+def get_settings() -> Any:
+    """The settings (worker.config.get_settings, imported when a command needs them)."""
+    from worker.config import get_settings as read_settings
+
+    return read_settings()
+
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+
+# Spelled out here so that parsing them needs no import of the commands' modules; a test holds
+# them equal to worker.apply.SPECS and worker.errors.REJECTIONS.
+TaskName = Literal["users.create", "users.update", "users.delete", "posts.create",
+                   "posts.update", "posts.delete", "tags.create", "tags.update", "tags.delete"]
+Reason = Literal["invalid", "not_found", "conflict", "stale", "retries_exhausted",
+                 "unknown_command", "undecodable"]
 
 
 def fail(message: str, code: int = REJECTED) -> typer.Exit:
     """Print `message` to stderr; the exit to raise."""
-    errors.print(f"[red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # One line whatever the width: a terminal folds it, a pipe or a log keeps it whole.
+    output(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False,
+                              soft_wrap=True)
     return typer.Exit(code)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of the driver's message (SQLAlchemy appends a long footer)."""
-    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def database_problem(error: Exception) -> str:
@@ -83,6 +173,8 @@ def session() -> Iterator[Session]:
 
 def emit(record: dict[str, Any] | None, as_json: bool, what: str) -> None:
     """Print a record (or fail when there is none)."""
+    from rich.table import Table
+
     if record is None:
         raise fail(f"{what} not found")
     if as_json:
@@ -91,17 +183,19 @@ def emit(record: dict[str, Any] | None, as_json: bool, what: str) -> None:
     table = Table(show_header=False, title=what)
     for key, value in record.items():
         table.add_row(key, _cell(value))
-    console.print(table)
+    output().print(table)
 
 
 def emit_rows(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
     """Print records as a table, or one JSON object per line."""
+    from rich.table import Table
+
     if as_json:
         for row in rows:
             print(json.dumps(row, default=str))
         return
     if not rows:
-        console.print(f"No {title}.")
+        output().print(f"No {title}.")
         return
     table = Table(title=title)
     # Rows may differ in keys (a rejection adds its reason): the union, in first-seen order.
@@ -110,14 +204,25 @@ def emit_rows(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))
-    console.print(table)
+    output().print(table)
 
 
-def _cell(value: Any) -> str:
-    """A value as a table shows it: strings as they are, anything else as JSON."""
+def _cell(value: Any) -> Text:
+    """A value as a table shows it: text as it is (never read as Rich markup), a list of
+    names as a comma-separated list, anything else as JSON."""
+    from rich.text import Text
+
     if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+        return Text("")
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return Text(", ".join(value))
+    return Text(value if isinstance(value, str) else json.dumps(value, default=str))
+
+
+def _post_for_people(detail: dict[str, Any]) -> dict[str, Any]:
+    """A post as its table row shows it: the author by username (`--json` has the record)."""
+    author = detail.get("author")
+    return {**detail, "author": author.get("username") if isinstance(author, dict) else author}
 
 
 # --- running ------------------------------------------------------------------------------
@@ -132,18 +237,62 @@ def run(
 ) -> None:
     """Run the worker (and Flower when FLOWER_BASIC_AUTH is set) until Ctrl-C.
 
-    With DATABASE_URL and BROKER_URL unset, private PostgreSQL and Redis servers are started
-    under DATA_DIR (.data) and kept there between runs.
+    With DATABASE_URL and BROKER_URL unset (or naming these very servers, as `env` prints
+    them), private PostgreSQL and Redis servers are started under DATA_DIR (.data) and kept
+    there between runs, on the same ports. Ctrl-C or SIGTERM stops everything in the reverse
+    order it started; a part that fails stops the rest, and says why (exit 3).
     """
     from worker.runner import RunError
     from worker.runner import run as run_worker
 
     try:
         code = run_worker(get_settings(), apply_migrations=migrate, concurrency=concurrency,
-                          batch_size=batch_size, console=console)
+                          batch_size=batch_size, console=output())
     except RunError as error:
         raise fail(str(error), CONFIG) from None
     raise typer.Exit(code)
+
+
+@app.command("env")
+def env(as_json: JsonOption = False) -> None:
+    """Print the servers' URLs as shell variables: eval "$(python -m worker env)".
+
+    DATABASE_URL, BROKER_URL, RESULT_BACKEND and COMMANDS_QUEUE as the other commands use
+    them: as configured, else those of the `run` serving this directory. Any client started
+    from that shell (a Celery producer, celery-node, redis-cli -u "$BROKER_URL") then reaches
+    the same servers. Exit 3 when no URL is set and no `run` serves this directory.
+    """
+    from worker.config import broker_url, database_url, result_backend_url
+
+    settings = get_settings()
+    values = {"DATABASE_URL": database_url(settings), "BROKER_URL": broker_url(settings),
+              "RESULT_BACKEND": result_backend_url(settings),
+              "COMMANDS_QUEUE": settings.commands_queue}
+    if as_json:
+        print(json.dumps(values))
+        return
+    for name, value in values.items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
+@app.command()
+def flower() -> None:
+    """Start Flower, the dashboard, behind FLOWER_BASIC_AUTH (never without it).
+
+    It listens on FLOWER_ADDRESS:FLOWER_PORT (127.0.0.1:5555). The password reaches Flower in
+    its environment, never on its command line (which `ps` and `docker inspect` show). `run`
+    and the compose file's `flower` service start Flower this way. Exit 3 without a password.
+    """
+    settings = get_settings()
+    if not settings.flower_basic_auth:
+        raise fail("FLOWER_BASIC_AUTH is not set: Flower is never started without a password "
+                   "(set it to user:password)", CONFIG)
+    os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth  # also when read from .env
+    # Flower takes this process's place: its pid, its signals (Ctrl-C, `docker stop`).
+    # worker/flower.py puts every page of it behind the credentials (Flower leaves two open).
+    os.execv(sys.executable, [sys.executable, "-m", "worker.flower",  # noqa: S606
+                              f"--address={settings.flower_address}",
+                              f"--port={settings.flower_port}"])
 
 
 @app.command()
@@ -186,7 +335,7 @@ def migrate() -> None:
         raise fail(str(error), CONFIG) from None
     except OperationalError as error:
         raise fail(database_problem(error), CONFIG) from None
-    console.print("The schema is at the head revision.")
+    output().print("The schema is at the head revision.")
 
 
 # The worker events that say a node is alive (a Celery worker sends a heartbeat every 2 s).
@@ -260,7 +409,8 @@ def check(
     from worker.runner import redis_warnings, schema_revisions
 
     if not consumer and (hostname is not None or timeout is not None):
-        raise fail("--hostname and --timeout go with --consumer", 2)
+        raise fail("--hostname and --timeout go with --consumer", USAGE)
+    get_settings()  # a bad setting is the operator's to fix (exit 3), not an unhealthy server
     pattern = hostname if hostname is not None else f"*@{socket.gethostname()}"
     wait = timeout if timeout is not None else 10.0
     results: dict[str, str] = {}
@@ -318,31 +468,20 @@ def check(
     else:
         for name, verdict in results.items():
             mark = "[green]✓[/]" if verdict.startswith("ok") else "[red]✗[/]"
-            console.print(f"{mark} {name}: {verdict}", highlight=False)
+            output().print(f"{mark} {name}: {verdict}", highlight=False)
     if code:
         raise typer.Exit(code)
 
 
-@app.command()
-def bench(ctx: typer.Context) -> None:
-    """Run the benchmark (`python -m worker bench --help` lists its options)."""
-    import importlib
-
-    bench_main: Callable[[list[str]], int] = importlib.import_module("worker.bench").main
-    raise typer.Exit(bench_main(list(ctx.args)))
-
-
-bench_command = app.registered_commands[-1]
-# Every option, --help included, belongs to the benchmark's own parser.
-bench_command.context_settings = {"allow_extra_args": True, "ignore_unknown_options": True,
-                                  "help_option_names": []}
+app.command("bench", cls=Command)(bench)
 
 
 # --- producing ----------------------------------------------------------------------------
 
 @app.command()
 def send(
-    task: Annotated[str, typer.Argument(help="users.create, posts.update, tags.delete, ...")],
+    task: Annotated[TaskName, typer.Argument(help="The command's task name.",
+                                             show_default=False)],
     data: Annotated[str | None, typer.Option(help="The command's data as JSON.")] = None,
     id: Annotated[int | None, typer.Option("--id", help="The target id (update, delete).")
                   ] = None,
@@ -389,7 +528,7 @@ def send(
 
 @dead_letters_app.command("list")
 def dead_letters_list(
-    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    reason: Annotated[Reason | None, typer.Option(help="Only this reason.")] = None,
     task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
     command_id: Annotated[str | None, typer.Option(help="Only this command id.")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many (default: all).")
@@ -421,7 +560,7 @@ def dead_letters_show(letter_id: int, as_json: JsonOption = False) -> None:
 @dead_letters_app.command("replay")
 def dead_letters_replay(
     letter_id: Annotated[int | None, typer.Argument(help="The dead letter to replay.")] = None,
-    reason: Annotated[str | None, typer.Option(help="Replay every dead letter of a reason.")
+    reason: Annotated[Reason | None, typer.Option(help="Replay every dead letter of a reason.")
                       ] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", hidden=True, help="Accepted for older scripts: the outcome is always known.")
@@ -438,6 +577,7 @@ def dead_letters_replay(
     records a new dead letter. The replayed dead letter is then deleted. Exit 1 when one is
     rejected again or cannot be replayed.
     """
+    from rich.progress import track
     from sqlalchemy.exc import InterfaceError, OperationalError
 
     from worker import deadletters
@@ -445,7 +585,8 @@ def dead_letters_replay(
 
     del wait, timeout  # the outcome is known when the command is applied
     if (letter_id is None) == (reason is None):
-        raise fail("give a dead letter id or --reason", 2)
+        raise fail("give a dead letter id or --reason, not both" if letter_id is not None
+                   else "give a dead letter id or --reason", USAGE)
     with session() as opened:
         letters = ([deadletters.get(opened, letter_id)] if letter_id is not None
                    else list(deadletters.list_(opened, reason=reason)))
@@ -455,13 +596,13 @@ def dead_letters_replay(
                    else f"no dead letter with reason {reason}")
     for skipped in chosen:
         if skipped.problem is not None:
-            errors.print(f"dead letter {skipped.letter_id} cannot be replayed: "
-                         f"{skipped.problem}", highlight=False)
+            output(stderr=True).print(f"dead letter {skipped.letter_id} cannot be replayed: "
+                                      f"{skipped.problem}", highlight=False)
     replayable = [replay for replay in chosen if replay.problem is None]
     # The bar goes to stderr so that stdout stays one JSON object a line, or one table.
     steps: Iterable[Replay] = (
         replayable if as_json or len(replayable) < 2
-        else track(replayable, description="Replaying", console=errors))
+        else track(replayable, description="Replaying", console=output(stderr=True)))
     rows: list[dict[str, Any]] = []
     try:
         for replay in steps:
@@ -489,7 +630,7 @@ def dead_letters_discard(letter_id: int) -> None:
         found = deadletters.discard(opened, letter_id)
     if not found:
         raise fail(f"dead letter {letter_id} not found")
-    console.print(f"Discarded dead letter {letter_id}.")
+    output().print(f"Discarded dead letter {letter_id}.")
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -498,13 +639,14 @@ def dead_letters_discard(letter_id: int) -> None:
 def commands_show(command_id: str, as_json: JsonOption = False) -> None:
     """The outcome recorded for COMMAND_ID: applied (with its result) or dead-lettered."""
     from worker import deadletters, ledger
+    from worker.schemas import timestamp
 
     with session() as opened:
         entry = ledger.get(opened, command_id)
         if entry is not None:
             record: dict[str, Any] | None = {
                 "command_id": command_id, "task": entry.task, "outcome": "applied",
-                "applied_at": entry.applied_at.isoformat(), "result": entry.result}
+                "applied_at": timestamp(entry.applied_at), "result": entry.result}
         else:
             letters = deadletters.list_(opened, command_id=command_id)
             record = None if not letters else {
@@ -522,14 +664,17 @@ Limit = Annotated[int, typer.Option(help="How many at most (1 to 1000).")]
 
 def _page(fetch: Callable[[Session, int, int], list[Any]],
           record: Callable[[Any], dict[str, Any]], skip: int, limit: int, as_json: bool,
-          title: str) -> None:
+          title: str, for_people: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+          ) -> None:
     from worker.errors import Invalid
 
     try:
         with session() as opened:
             rows = [record(item) for item in fetch(opened, skip, limit)]
     except Invalid as error:
-        raise fail(str(error), 2) from None
+        raise fail(str(error), USAGE) from None
+    if for_people is not None and not as_json:
+        rows = [for_people(row) for row in rows]
     emit_rows(rows, as_json, title)
 
 
@@ -578,7 +723,10 @@ def posts_get(post_id: int, as_json: JsonOption = False) -> None:
 
     with session() as opened:
         post = crud.posts.get(opened, post_id)
-        emit(crud.posts.to_detail(post) if post else None, as_json, f"post {post_id}")
+        detail = crud.posts.to_detail(post) if post else None
+    if detail is not None and not as_json:
+        detail = _post_for_people(detail)
+    emit(detail, as_json, f"post {post_id}")
 
 
 @posts_app.command("list")
@@ -586,7 +734,8 @@ def posts_list(skip: Skip = 0, limit: Limit = 100, as_json: JsonOption = False) 
     """Posts ordered by id, with their author and tags (loaded in two statements)."""
     from worker import crud
 
-    _page(crud.posts.list_, crud.posts.to_detail, skip, limit, as_json, "posts")
+    _page(crud.posts.list_, crud.posts.to_detail, skip, limit, as_json, "posts",
+          for_people=_post_for_people)
 
 
 @tags_app.command("get")

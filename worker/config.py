@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import BadConfiguration, NoServerError
+
+__all__ = ["BadConfiguration", "NoServerError", "Settings", "broker_url", "database_url",
+           "get_settings", "result_backend_url", "running_servers_file"]
+
+# Any driver name is accepted (psycopg2 and asyncpg are substituted); the dialect is fixed.
+POSTGRES_SCHEMES = ("postgres", "postgresql")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+# Settings whose values may hold a password: a message about them never repeats the value.
+SECRET_SETTINGS = ("database_url", "broker_url", "result_backend", "flower_basic_auth")
 
 
 class Settings(BaseSettings):
     """Configuration for the worker, its CLI and Alembic; names match CONTRACT.md."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # An empty variable counts as unset, as in Compose (`FLOWER_BASIC_AUTH=` turns Flower off).
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
 
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of PostgreSQL; unset: the embedded server"
@@ -65,15 +78,58 @@ class Settings(BaseSettings):
 
     data_dir: str = Field(default=".data", description="Where `run` keeps embedded servers")
 
+    @field_validator("database_url")
+    @classmethod
+    def _is_postgresql(cls, url: str | None) -> str | None:
+        if url is not None and _scheme(url).split("+")[0] not in POSTGRES_SCHEMES:
+            raise ValueError("not a PostgreSQL URL (postgresql://user:password@host:5432/name)")
+        return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _is_redis(cls, url: str | None) -> str | None:
+        if url is not None and _scheme(url) not in BROKER_SCHEMES:
+            raise ValueError("not a Redis URL (redis://host:6379/0, rediss://, sentinel://)")
+        return url
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _is_user_and_password(cls, value: str | None) -> str | None:
+        # Flower takes a comma-separated list; an entry without both halves locks nobody out.
+        if value is not None and not all(
+                user and password for user, _, password in
+                (entry.partition(":") for entry in value.split(","))):
+            raise ValueError("not user:password (or several, separated by commas)")
+        return value
+
+
+def _scheme(url: str) -> str:
+    """The scheme of `url`, lower case ('' when it has none)."""
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
+
+
+def describe(error: ValidationError) -> str:
+    """A settings validation error in one line: each setting by its variable name."""
+    problems = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if field and field not in SECRET_SETTINGS and "input" in item:
+            message += f" (got {item['input']!r})"
+        problems.append(f"{field.upper()}: {message}" if field else message)
+    return "bad configuration: " + "; ".join(problems)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once."""
-    return Settings()
-
-
-class NoServerError(RuntimeError):
-    """No URL is configured and no `python -m worker run` is serving this directory."""
+    """The process's settings, read once; `BadConfiguration` says, in one line, what is wrong."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise BadConfiguration(describe(error)) from None
 
 
 def running_servers_file(settings: Settings) -> str:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from worker.config import get_settings
 from worker.models import DeadLetter
 from worker.protocol import loads
+from worker.schemas import timestamp
 from worker.security import (
     MAX_DEPTH,
     NESTED_TOO_DEEPLY,
@@ -366,7 +367,7 @@ def to_dict(letter: DeadLetter) -> dict[str, Any]:
         "reason": letter.reason,
         "error": letter.error,
         "kwargs": letter.kwargs,
-        "received_at": letter.received_at.isoformat(),
+        "received_at": timestamp(letter.received_at),
     }
 
 

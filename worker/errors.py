@@ -1,4 +1,8 @@
-"""One root exception; each rejection class maps to one dead-letter reason of the contract."""
+"""One root exception; each rejection class maps to one dead-letter reason of the contract.
+
+Operator errors (the setup, not a command, is wrong) are the other branch: the command line
+reports each in one line and exits 3.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,18 @@ from typing import ClassVar
 
 class WorkerError(Exception):
     """Root of every error this project raises on purpose."""
+
+
+class OperatorError(WorkerError):
+    """The worker cannot run as configured; the message says what to change, in one line."""
+
+
+class BadConfiguration(OperatorError):
+    """A setting, from the environment or `.env`, has a value the worker cannot use."""
+
+
+class NoServerError(OperatorError):
+    """No URL is configured and no `python -m worker run` is serving this directory."""
 
 
 class CommandRejected(WorkerError):
@@ -80,3 +96,9 @@ REJECTIONS: dict[str, type[CommandRejected]] = {
     cls.reason: cls
     for cls in (Invalid, NotFound, Conflict, Stale, RetriesExhausted, UnknownCommand, Undecodable)
 }
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a driver's message (SQLAlchemy appends a long footer)."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

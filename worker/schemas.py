@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
@@ -21,6 +21,12 @@ from pydantic import (
 
 from worker.errors import Invalid
 from worker.security import is_password_hash, printable
+
+
+def timestamp(moment: datetime) -> str:
+    """A moment as every output of this project writes it: ISO 8601 in UTC, ending in `Z`
+    (as pydantic writes the results' `created_at`)."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _storable_text(value: str) -> str:

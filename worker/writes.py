@@ -11,13 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from worker.errors import CommandRejected, Conflict, NotFound, Stale
-from worker.schemas import PostCreate, PostUpdate, TagCreate, TagUpdate, UserCreate, UserUpdate
+from worker.schemas import (
+    PostCreate,
+    PostUpdate,
+    TagCreate,
+    TagUpdate,
+    UserCreate,
+    UserUpdate,
+    timestamp,
+)
 
 Record = dict[str, Any]
 Outcome = Record | CommandRejected
@@ -33,7 +42,7 @@ class Change:
 
 
 def _iso(value: Any) -> Any:
-    return value.isoformat().replace("+00:00", "Z") if hasattr(value, "isoformat") else value
+    return timestamp(value) if isinstance(value, datetime) else value
 
 
 def _user(row: Any) -> Record:

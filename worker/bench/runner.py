@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -17,7 +16,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,7 +54,7 @@ SERVER_ENV = ("DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "COMMANDS_QUEUE")
 
 @dataclass
 class Options:
-    """The command line, parsed."""
+    """The command line (`worker.bench.bench`), parsed."""
 
     json: bool
     quick: bool
@@ -69,58 +68,6 @@ class Options:
     progress: bool
     skip_baseline: bool
     redis_aof: bool = False
-
-
-def parse(argv: list[str] | None) -> Options:
-    """Options from `argv` (sys.argv[1:] when None)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m worker bench",
-        description="Measure PostgreSQL and hashing ceilings, a tutorial-style Celery worker "
-                    "and this worker on the same servers, and print the comparison.")
-    parser.add_argument("--json", action="store_true",
-                        help="Print one JSON object on stdout instead of tables.")
-    parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test.")
-    parser.add_argument("--commands", type=int, metavar="N",
-                        help="Commands per mix for this worker (the baseline gets N/5; "
-                             f"default {plan.FULL.commands:,}, quick {plan.QUICK.commands}).")
-    parser.add_argument("--soak", type=int, metavar="N",
-                        help="Commands in the memory soak run (default "
-                             f"{plan.FULL.soak:,}, quick {plan.QUICK.soak:,}).")
-    parser.add_argument("--latency-seconds", type=float, metavar="S",
-                        help="How long to publish at half the peak rate.")
-    parser.add_argument("--concurrency", type=int, default=plan.cores(),
-                        help="Processes of each consumer (default: the CPU count).")
-    parser.add_argument("--worker-command", default=plan.WORKER_COMMAND, metavar="CMD",
-                        help="'consume' (batch consumer), 'celery' (per-message Celery worker) "
-                             "or a command line with {python} {concurrency} {queue} "
-                             "placeholders (default: worker/bench/plan.py WORKER_COMMAND).")
-    parser.add_argument("--database-url", help="A PostgreSQL server to use (databases are "
-                                               "created on it and dropped); default: a "
-                                               "throwaway server.")
-    parser.add_argument("--broker-url", help="A Redis to use; default: a throwaway server.")
-    parser.add_argument("--data-dir", type=Path, help="Where throwaway servers keep data.")
-    parser.add_argument("--redis-aof", action="store_true",
-                        help="Give the throwaway Redis an append-only file (appendfsync "
-                             "everysec, as `run` has); default: no persistence, as this "
-                             "machine's Redis (see worker/bench/stack.py).")
-    parser.add_argument("--log-dir", type=Path,
-                        help="Keep the consumers' logs here (default: a temporary directory, "
-                             "kept only when a phase fails).")
-    parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    parser.add_argument("--skip-baseline", action="store_true",
-                        help="Measure only this worker (no baseline ratios).")
-    args = parser.parse_args(argv)
-    sizes = plan.sizes(args.quick, args.commands, args.soak)
-    if args.latency_seconds is not None:
-        sizes = replace(sizes, latency_seconds=args.latency_seconds)
-    if sizes.commands < 20 or sizes.soak < 20:
-        parser.error("--commands and --soak must be at least 20")
-    return Options(json=args.json, quick=args.quick, sizes=sizes,
-                   concurrency=max(1, args.concurrency), worker_command=args.worker_command,
-                   database_url=args.database_url, broker_url=args.broker_url,
-                   data_dir=args.data_dir, log_dir=args.log_dir,
-                   progress=not args.no_progress, skip_baseline=args.skip_baseline,
-                   redis_aof=args.redis_aof)
 
 
 @dataclass
@@ -501,9 +448,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(options: Options) -> int:
     """Run the benchmark; print tables (or one JSON object); 0 when every phase ran."""
-    options = parse(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
