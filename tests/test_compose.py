@@ -146,7 +146,7 @@ def test_the_migration_runs_once_on_a_healthy_postgres_before_the_worker_starts(
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert worker["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
     assert worker["depends_on"]["redis"] == {"condition": "service_healthy"}
-    assert argv(worker["command"]) == ["python", "-m", "worker", "consume"]  # the batch consumer
+    assert argv(worker["command"]) == ["python", "-m", "worker", "consume"]  # the worker node
 
 
 def seconds(duration: str) -> float:
@@ -174,7 +174,7 @@ def test_the_health_checks_ask_the_right_question() -> None:
 
     assert postgres[0] == "pg_isready" and "127.0.0.1" in postgres  # TCP: not the init server
     assert redis == ["redis-cli", "ping"]
-    # A heartbeat from the batch consumer of this container (the default --hostname).
+    # A heartbeat from the worker node of this container (the default --hostname).
     assert worker == ["python", "-m", "worker", "check", "--consumer"]
     # The check gives up by itself (10 s for the heartbeat) well before Docker would kill it.
     assert seconds(worker_check["timeout"]) >= 10 + 15
@@ -323,13 +323,13 @@ def test_the_apps_urls_name_the_compose_services_and_credentials() -> None:
 
 
 def test_the_celery_app_every_command_names_has_every_task() -> None:
-    from worker.runner import consumer_command
+    from worker.runner import worker_command
 
-    # `python -m worker flower` (compose's flower, run's Flower) starts `celery -A ... flower`.
+    # `python -m worker flower` (compose's flower, run's Flower) starts Flower for this app.
     module = import_module("worker.celery_app")
     assert isinstance(module.app, Celery)
-    assert "worker.celery_app" in consumer_command("celery", 1, 1, "commands")
-    module.app.loader.import_default_modules()
+    assert "worker.celery_app" in worker_command(1, 1, "commands")
+    # Registered by the import alone: an eager test author finds every task.
     for entity in ("users", "posts", "tags"):
         for action in ("create", "update", "delete"):
             assert f"{entity}.{action}" in module.app.tasks
@@ -496,12 +496,12 @@ def test_the_build_context_leaves_out_environments_data_and_secrets() -> None:
         assert ignored(path), path
 
 
-# --- the worker healthcheck against a real batch consumer ------------------------------------
+# --- the worker healthcheck against a real worker node ----------------------------------------
 
 
 @dataclass(frozen=True)
 class HealthcheckTarget:
-    """A running batch consumer and a way to run the compose healthcheck beside it."""
+    """A running worker node and a way to run the compose healthcheck beside it."""
 
     worker: WorkerProcess
     broker: redis.Redis
@@ -618,7 +618,7 @@ def test_the_worker_healthcheck_leaves_nothing_behind_in_redis(
     listening.communicate()
 
     runs = [healthcheck_target.check() for _ in range(3)]
-    runs.append(healthcheck_target.check("--hostname", "batch-*@no-such-host", "--timeout", "2"))
+    runs.append(healthcheck_target.check("--hostname", "*@no-such-host", "--timeout", "2"))
 
     assert listening.returncode == 1
     assert any(key == b"_kombu.binding.celeryev" for key, _ in seen - before.bindings), seen
