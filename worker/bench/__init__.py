@@ -34,9 +34,9 @@ def bench(
     ] = plan.cores(),
     worker_command: Annotated[str, typer.Option(
         metavar="CMD", show_default=False,
-        help="'consume' (batch consumer), 'celery' (per-message Celery worker) or a command "
-             "line with {python} {concurrency} {queue} placeholders (default: "
-             "worker/bench/plan.py WORKER_COMMAND).")] = plan.WORKER_COMMAND,
+        help="'node' (the worker node, as run and compose start it) or a command line with "
+             "{python} {concurrency} {queue} placeholders (default: the node).")
+    ] = plan.WORKER_COMMAND,
     database_url: Annotated[str | None, typer.Option(
         show_default=False,
         help="A PostgreSQL server to use (databases are created on it and dropped); "

@@ -7,14 +7,14 @@ import shlex
 import sys
 from dataclasses import dataclass, replace
 
-# The consumer measured as "this worker". Placeholders: {python}, {concurrency}, {queue}.
-CELERY_WORKER = (
-    "{python} -m celery -A worker.celery_app worker -Q {queue} -c {concurrency} "
-    "--without-gossip --without-mingle --loglevel WARNING"
+# The worker measured as "this worker": the production node, as `run`, `consume` and compose
+# start it (task events on). Placeholders: {python}, {concurrency}, {queue}.
+WORKER_NODE = (
+    "{python} -m celery -A worker.celery_app worker -Q {queue} -c {concurrency} -E "
+    "--loglevel WARNING"
 )
-BATCH_CONSUMER = "{python} -m worker consume --concurrency {concurrency}"
-WORKER_COMMAND = BATCH_CONSUMER
-NAMED_WORKER_COMMANDS = {"celery": CELERY_WORKER, "consume": BATCH_CONSUMER}
+WORKER_COMMAND = WORKER_NODE
+NAMED_WORKER_COMMANDS = {"node": WORKER_NODE}
 
 # The tutorial-style baseline (worker/bench/baseline_app.py): prefork, Celery's defaults.
 BASELINE_COMMAND = (
@@ -79,7 +79,7 @@ def sizes(quick: bool, commands: int | None, soak: int | None) -> Sizes:
 
 
 def command_line(template: str, *, concurrency: int, queue: str) -> list[str]:
-    """The argv of a consumer from its template (or the name of one: celery, consume)."""
+    """The argv of a consumer from its template (or the name of one: node)."""
     template = NAMED_WORKER_COMMANDS.get(template, template)
     text = template.format(python=shlex.quote(sys.executable), concurrency=concurrency,
                            queue=shlex.quote(queue))
