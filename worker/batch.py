@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -57,8 +57,7 @@ HASHES_PER_TRANSACTION = 16
 APPLY, REVOKED, EXPIRED = "apply", "revoked", "expired"
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
+class Received(NamedTuple):
     """A taken message, when the node took it, and whether it is to be applied."""
 
     message: Taken
@@ -287,6 +286,8 @@ class BatchRunner:
         from worker.celery_app import app
 
         self.app = app
+        # The registry itself (app.tasks is a property that takes a lock at every read).
+        self.tasks: dict[str, Any] = app.tasks
         self.settings = get_settings()
         self.node = node
         self.connection = app.connection_for_write()
@@ -418,7 +419,7 @@ class BatchRunner:
 
     def _needs_tracer(self, delivery: Delivery) -> bool:
         """Whether Celery's tracer must report this one: canvas, or signal handlers to call."""
-        if not delivery.command.task_id or delivery.command.task not in self.app.tasks:
+        if not delivery.command.task_id or delivery.command.task not in self.tasks:
             return False
         if delivery.has_canvas:
             return True
@@ -440,7 +441,7 @@ class BatchRunner:
                                      "priority": delivery.properties.get("priority"),
                                      "redelivered": delivery.message.deliveries > 1},
                    "hostname": self.node, "is_eager": False}
-        task = self.app.tasks[command.task]
+        task = self.tasks[command.task]
         try:
             if delivery.revoked:
                 from celery.app.task import Context

@@ -49,11 +49,12 @@ class CommandRequest:
 
     acknowledged = False
 
-    def __init__(self, message: Taken, head: protocol.Head, hostname: str, app: Any) -> None:
+    def __init__(self, message: Taken, head: protocol.Head, hostname: str,
+                 tasks: dict[str, Any]) -> None:
         self.message = message
         self.id = head.task_id
         self.name = self.type = head.task or "(undecodable)"
-        self.task = app.tasks.get(head.task) if head.task else None
+        self.task = tasks.get(head.task) if head.task else None
         self._hostname = hostname
         self.delivery_info = {"exchange": "", "routing_key": message.queue, "priority": None,
                               "redelivered": message.deliveries > 1}
@@ -123,6 +124,8 @@ class Intake:
     def __init__(self, consumer: Any, batch_size: int | None = None) -> None:
         self.c = consumer
         self.app = consumer.app
+        # The registry itself (app.tasks is a property that takes a lock at every read).
+        self.tasks: dict[str, Any] = consumer.app.tasks
         settings = get_settings()
         self.batch_size = int(batch_size or self.app.conf.get("worker_batch_size") or 100)
         self.max_bytes = settings.max_payload_bytes
@@ -226,7 +229,7 @@ class Intake:
     def _time_limits(self, head: protocol.Head) -> tuple[float | None, float | None]:
         """(hard, soft) limits of a message: its own, else its task's (`control time_limit`)."""
         hard, soft = head.time_limits
-        task = self.app.tasks.get(head.task) if head.task else None
+        task = self.tasks.get(head.task) if head.task else None
         if task is not None:
             hard = hard or task.time_limit
             soft = soft or task.soft_time_limit
@@ -266,7 +269,7 @@ class Intake:
         job = batch.Job(keys, self.c.hostname, tuple(item for item, _ in items), events)
         requests = []
         for item, head in items:
-            request = CommandRequest(item.message, head, self.c.hostname, self.app)
+            request = CommandRequest(item.message, head, self.c.hostname, self.tasks)
             worker_state.task_reserved(request)
             requests.append(request)
         self._next_job += 1
@@ -439,7 +442,8 @@ class Intake:
         for queue in self.consumed_queues():
             for due, raw in self.scripts.parked(self.queue_keys(queue), self.c.hostname):
                 message = Taken(queue, "", 1, "", raw, len(raw))
-                request = CommandRequest(message, protocol.head(raw), self.c.hostname, self.app)
+                request = CommandRequest(message, protocol.head(raw), self.c.hostname,
+                                         self.tasks)
                 found.append({"eta": datetime.fromtimestamp(due, UTC).isoformat(),
                               "priority": 6, "request": request.info()})
         return found

@@ -137,7 +137,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
                   f"(per process: {rss.get('end_per_process', '-')})")
     other.add_row("RSS growth after warm-up (largest per process)",
                   _num(result.get("rss_growth_pct"), 1, " %"))
-    targets = Table(title="Targets (issue 6)")
+    targets = Table(title="Targets")
     for column in ("target", "value", "met"):
         targets.add_column(column)
     for name, target in result["targets"].items():
