@@ -341,15 +341,23 @@ class BatchRunner:
         return tuple(message.tag for message in left)
 
     def _settle(self, job: Job, deliveries: Sequence[Delivery]) -> list[Taken]:
-        """Apply one transaction's worth of deliveries, then report and acknowledge them."""
+        """Apply one transaction's worth of deliveries, then report and acknowledge them.
+
+        Each command's runtime is its own: its validation (and password hash), then the
+        transaction it commits in.
+        """
         events = self.task_events
         applying = [d for d in deliveries if not d.revoked]
-        started = time.time()
-        if events is not None:
-            for delivery in applying:
-                command = delivery.command
-                if not command.task_id:
-                    continue
+        for delivery in applying:
+            command = delivery.command
+            delivery.started_at = time.time()
+            if command.key is None and command.rejection is None and command.result is None:
+                try:
+                    apply.prepare(command)
+                except Exception:
+                    logger.exception("command %s could not be validated", delivery.message.tag)
+            delivery.runtime = time.time() - delivery.started_at
+            if events is not None and command.task_id:
                 events.add("task-received", command.task_id,
                            timestamp=delivery.received.received_at, name=command.task,
                            args=safe_repr(command.args, positional=True),
@@ -359,11 +367,13 @@ class BatchRunner:
                            retries=delivery.headers.get("retries") or 0,
                            eta=delivery.headers.get("eta"),
                            expires=delivery.headers.get("expires"))
-                events.add("task-started", command.task_id, timestamp=started, pid=os.getpid())
+                events.add("task-started", command.task_id, timestamp=delivery.started_at,
+                           pid=os.getpid())
+        began = time.time()
         done, left = self._apply(applying)
-        finished = time.time()
+        spent = time.time() - began
         for delivery in done:
-            delivery.runtime = finished - started
+            delivery.runtime += spent
         settled = [d for d in deliveries if d.revoked] + done
         traced = [d for d in settled if self._needs_tracer(d)]
         for delivery in traced:

@@ -135,6 +135,7 @@ class Scripts:
         self._delay = client.register_script(script_text("delay"))
         self._promote = client.register_script(script_text("promote"))
         self._touch = client.register_script(script_text("touch"))
+        self._legacy = client.register_script(script_text("legacy"))
 
     @property
     def finish_script(self) -> Any:
@@ -180,6 +181,13 @@ class Scripts:
         return int(self._restore(
             keys=[keys.lists[0], keys.unacked, keys.unacked_index],
             args=[time.time() - visibility_timeout, most]))
+
+    def restore_legacy(self, keys: QueueKeys, visibility_timeout: float,
+                       most: int = 1000) -> int:
+        """Put back what earlier versions left in kombu's unacked set and the old quarantine."""
+        return int(self._legacy(
+            keys=[keys.lists[0], "unacked", "unacked_index", f"{keys.queue}.quarantine"],
+            args=[keys.queue, time.time() - visibility_timeout, most]))
 
     def delay(self, keys: QueueKeys, parked: Sequence[Parked]) -> int:
         """Park messages in the delayed set until their due times."""

@@ -374,7 +374,9 @@ class Intake:
                                exc_info=True)
         for queue in self.consumed_queues():
             try:
-                restored = self.scripts.restore(self.queue_keys(queue), self.visibility_timeout)
+                keys = self.queue_keys(queue)
+                restored = self.scripts.restore(keys, self.visibility_timeout)
+                restored += self.scripts.restore_legacy(keys, self.visibility_timeout)
             except Exception:
                 logger.warning("could not look for unacknowledged messages of %r", queue,
                                exc_info=True)
