@@ -32,6 +32,6 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/wor
 USER worker
 ENV PATH="/app/.venv/bin:$PATH"
 
-# The batch consumer, as the compose `worker` service runs it (`celery -A worker.celery_app
-# worker` is the per-message Celery worker: pass it as the command to get that one).
+# The worker node, as the compose `worker` service runs it (the same as `celery -A
+# worker.celery_app worker -E`: pass that as the command to add any Celery worker option).
 CMD ["python", "-m", "worker", "consume"]

@@ -365,7 +365,7 @@ def worker_cli_commands() -> list[tuple[str, list[str]]]:
             if args[:len(WORKER_CLI)] == WORKER_CLI]
 
 
-def test_compose_runs_the_batch_consumer_and_its_check_through_the_projects_cli() -> None:
+def test_compose_runs_the_worker_node_and_its_check_through_the_projects_cli() -> None:
     assert worker_cli_commands() == [("worker command", ["consume"]),
                                      ("worker healthcheck", ["check", "--consumer"]),
                                      ("flower command", ["flower"])]
@@ -590,7 +590,7 @@ class RedisState:
 def added_since(client: redis.Redis, before: RedisState) -> Added:
     """What is in Redis now and was not in `before`, if it stays for a second.
 
-    The running consumer takes kombu's `unacked_mutex` for a moment every few seconds: only
+    The running node touches its keys (leases, the delayed set) every few seconds: only
     what remains in every look is left behind.
     """
     added = RedisState.of(client).added_to(before)
