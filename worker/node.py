@@ -136,6 +136,7 @@ class Intake:
         self.keys: dict[str, QueueKeys] = {}
         self.in_flight: dict[int, Dispatched] = {}
         self.accepting = False
+        self._busy = False
         self._next_job = 0
         self._promote_timer: Any = None
         self._main_thread = threading.get_ident()
@@ -164,10 +165,20 @@ class Intake:
         return [queue.name for queue in consumer.queues]
 
     def limit(self) -> int:
-        """Jobs in flight at most: the prefetch count (processes x worker_prefetch_multiplier)."""
+        """Jobs in flight at most.
+
+        While the queue holds more than a batch (the last take was full), the prefetch count
+        (processes x worker_prefetch_multiplier): a batch waits ready for each process, which
+        never idles between batches. Otherwise one job per process: a message that arrives
+        meanwhile waits in Redis and joins the next, larger batch, taken as a process frees,
+        rather than a small one queued behind the batch in hand.
+        """
+        processes = max(1, int(self.c.pool.num_processes or 1))
+        if not self._busy:
+            return processes
         qos = self.c.qos
         value = qos.value if qos is not None else 0
-        return max(1, int(value or self.c.pool.num_processes or 1))
+        return max(processes, int(value or processes))
 
     def has_capacity(self) -> bool:
         return self.accepting and len(self.in_flight) < self.limit()
@@ -179,8 +190,11 @@ class Intake:
         if self.scripts is None or not self.has_capacity():
             return False
         keys = self.queue_keys(queue)
-        taken = self.scripts.take(keys, self.batch_size,
-                                  max(1, self.c.pool.num_processes or 1), self.max_bytes)
+        # A fair share for each free slot: a short queue of slow commands (password hashes)
+        # is spread over the idle processes instead of queued behind one.
+        free = max(1, self.limit() - len(self.in_flight))
+        taken = self.scripts.take(keys, self.batch_size, free, self.max_bytes)
+        self._busy = len(taken) >= self.batch_size
         if taken:
             self.receive(keys, taken)
         return bool(taken)
