@@ -20,6 +20,7 @@ import base64
 import logging
 import os
 import random
+import threading
 import time
 import traceback
 import uuid
@@ -550,8 +551,8 @@ def _is_redis_backend(backend: Any) -> bool:
     return isinstance(backend, RedisBackend)
 
 
-_runner: BatchRunner | None = None
-_runner_pid: int | None = None
+#: One runner per process and thread: a prefork child has one; the threads pool, one a thread.
+_runners: dict[tuple[int, int], BatchRunner] = {}
 
 
 def run_job(job: Job) -> tuple[str, ...]:
@@ -559,14 +560,14 @@ def run_job(job: Job) -> tuple[str, ...]:
 
     Never raises: a failure of the job itself leaves every message to be put back.
     """
-    global _runner, _runner_pid
+    owner = (os.getpid(), threading.get_ident())
     try:
-        if _runner is None or _runner_pid != os.getpid():
-            _runner = BatchRunner(job.node, job.events)
-            _runner_pid = os.getpid()
-        return _runner.run(job)
+        runner = _runners.get(owner)
+        if runner is None:
+            runner = _runners[owner] = BatchRunner(job.node, job.events)
+        return runner.run(job)
     except Exception:
         logger.exception("a batch of %d could not be run; it goes back on the queue",
                          len(job.items))
-        _runner = None
+        _runners.pop(owner, None)
         return tuple(item.message.tag for item in job.items)
