@@ -208,26 +208,19 @@ class Intake:
         parked: list[tuple[Parked, protocol.Head, Taken]] = []
         buckets = self.c.task_buckets
         for message in taken:
-            head = protocol.head(message.raw) if message.raw is not None else protocol.Head()
-            verdict = batch.APPLY
-            if head.task_id is not None and head.task_id in revoked:
-                verdict = batch.REVOKED
-            elif head.expires is not None and head.expires.timestamp() <= now:
-                verdict = batch.EXPIRED
-            elif head.eta is not None and head.eta.timestamp() > now:
-                parked.append((Parked(message.tag, message.digest, head.eta.timestamp(),
+            try:
+                head, verdict, due = self._decide(message, now, revoked, buckets,
+                                                  len(parked))
+            except Exception:
+                # Never the node's end: the pool process decodes it again and settles it.
+                logger.exception("message %s could not be looked at; it goes to the pool",
+                                 message.tag)
+                head, verdict, due = protocol.Head(), batch.APPLY, None
+            if due is not None:
+                parked.append((Parked(message.tag, message.digest, due,
                                       parked_member(self.c.hostname, message.tag)),
                                head, message))
                 continue
-            elif head.task is not None and not self.c.disable_rate_limits:
-                bucket = buckets.get(head.task)
-                if bucket is not None and not bucket.can_consume(1):
-                    due = now + bucket.expected_time(1) + len(parked) / max(bucket.fill_rate,
-                                                                            1e-9)
-                    parked.append((Parked(message.tag, message.digest, due,
-                                          parked_member(self.c.hostname, message.tag)),
-                                   head, message))
-                    continue
             item = batch.Received(message, now, verdict)
             if message.deliveries > 1 or self._time_limits(head) != (None, None):
                 alone.append((item, head))
@@ -239,6 +232,24 @@ class Intake:
             self._dispatch(keys, together)
         for single in alone:
             self._dispatch(keys, [single], self._time_limits(single[1]))
+
+    def _decide(self, message: Taken, now: float, revoked: Any, buckets: Any,
+                parked: int) -> tuple[protocol.Head, str, float | None]:
+        """(headers, verdict, due time when it is to be parked) of one taken message."""
+        head = protocol.head(message.raw) if message.raw is not None else protocol.Head()
+        if head.task_id is not None and head.task_id in revoked:
+            return head, batch.REVOKED, None
+        if head.expires is not None and head.expires.timestamp() <= now:
+            return head, batch.EXPIRED, None
+        if head.eta is not None and head.eta.timestamp() > now:
+            return head, batch.APPLY, head.eta.timestamp()
+        if head.task is not None and not self.c.disable_rate_limits:
+            bucket = buckets.get(head.task)
+            if bucket is not None and not bucket.can_consume(1):
+                # Over the task's rate limit: due when its turn comes, one after another.
+                return head, batch.APPLY, (now + bucket.expected_time(1)
+                                           + parked / max(bucket.fill_rate, 1e-9))
+        return head, batch.APPLY, None
 
     def _time_limits(self, head: protocol.Head) -> tuple[float | None, float | None]:
         """(hard, soft) limits of a message: its own, else its task's (`control time_limit`)."""
