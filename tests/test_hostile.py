@@ -469,6 +469,12 @@ def build_corpus() -> Corpus:
     c.add("users.create, utf-8 body", APPLIED, dump(with_body(
         envelope(tok, "users.create", kwargs), json.dumps([[], kwargs, {}]))), tok)
     tok = c.token()
+    message = envelope(tok, "users.create", {"data": user(tok, c.secret())})
+    message["headers"]["password"] = c.secret()
+    message["headers"]["root_id"] = {"password": c.secret()}
+    message["headers"]["parent_id"] = f"password={c.secret()}"
+    c.add("users.create, passwords in headers", APPLIED, dump(message), tok)
+    tok = c.token()
     c.add("users.update of no user, with a password", NOT_FOUND, dump(envelope(
         tok, "users.update", {"id": 2_000_000_000, "data": {"password": c.secret()}})), tok)
     tok = c.token()
@@ -516,6 +522,13 @@ def build_corpus() -> Corpus:
         tok = c.token()
         c.add(f"{name}, no command_id", INVALID, dump(envelope(tok, task_id=task_id + tok)), tok,
               task_id=task_id + tok, key=None)
+    tok = c.token()
+    c.add("a task id with a lone surrogate, no command_id", INVALID, dump(
+        envelope(tok, task_id="@ID@"), raw={"ID": f'"{tok}\\ud800"'}), tok, task_id=None)
+    tok = c.token()
+    c.add("a task id with a lone surrogate, a command_id", APPLIED, dump(envelope(
+        tok, kwargs={"data": {"name": tok}, "command_id": f"{tok}-cid"}, task_id="@ID@"),
+        raw={"ID": f'"{tok}\\ud800"'}), tok, task_id=None, key=f"{tok}-cid")
     # Over the size limit: kombu writes the headers last, so the task id can be read.
     tok = c.token()
     secret = c.secret()
@@ -582,9 +595,13 @@ def build_corpus() -> Corpus:
         ("compression gzip of a plain body", {"compression": "application/x-gzip"},
          UNDECODABLE, True),
         ("retries 'x'", {"retries": "x"}, APPLIED, True),
+        ("retries 2**70", {"retries": 2**70}, APPLIED, True),
+        ("root_id nested 900 deep", {"root_id": "@DEEP@"}, APPLIED, True),
+        ("parent_id a lone surrogate", {"parent_id": "@SURROGATE@"}, APPLIED, True),
         ("group an object", {"group": {"x": 1}}, APPLIED, True),
         ("a header nested 900 deep", {"x-deep": "@DEEP@"}, APPLIED, True),
         ("a header with NaN", {"x-nan": "@NAN@"}, APPLIED, True),
+        ("a task name with a lone surrogate", {"task": "@SURROGATE@"}, UNKNOWN, True),
     ]:
         tok = c.token()
         message = envelope(tok)

@@ -186,10 +186,24 @@ def decode(raw: bytes, limit: int = 1 << 20) -> Message:
         raise UndecodableMessage("args must be a list and kwargs an object")
     if embed is not None and not isinstance(embed, dict):
         raise UndecodableMessage("the body's third element must be an object")
-    task_id = headers.get("id")
-    return Message(task_id=task_id if isinstance(task_id, str) else None, task=task,
+    return Message(task_id=text_id(headers.get("id")), task=task,
                    args=args, kwargs=kwargs, headers=headers, properties=properties,
                    embed=embed or {})
+
+
+def text_id(value: Any) -> str | None:
+    """A task id header as the worker can use it: text that UTF-8 can encode, else None.
+
+    JSON can carry an unpaired surrogate ("\\ud800"), which no Redis key, result or event
+    can hold: such an id is no task id at all, as a number or a list would not be.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def depth(value: Any) -> int:
@@ -286,6 +300,5 @@ def identity(raw: bytes | None, tail: bytes = b"") -> tuple[str | None, str | No
             task_id, task = headers.get("id"), headers.get("task")
         except Exception:  # noqa: S112 - best effort: the next candidate, or none
             continue
-        return (task_id if isinstance(task_id, str) else None,
-                task if isinstance(task, str) else None)
+        return text_id(task_id), task if isinstance(task, str) else None
     return None, None
