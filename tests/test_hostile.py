@@ -420,6 +420,10 @@ def build_corpus() -> Corpus:
     c.add("unknown task, positional password", UNKNOWN, dump(envelope(
         tok, "users.explode", {}, args=[c.secret()])), tok)
     tok = c.token()
+    secret = c.secret()
+    c.add("unknown task named with a password", UNKNOWN, dump(envelope(
+        tok, json.dumps({"password": secret}), {"data": {"name": tok}})), tok)
+    tok = c.token()
     message = envelope(tok)
     message["content-type"] = "application/x-python-serialize"
     message["content-encoding"] = "binary"
@@ -444,6 +448,26 @@ def build_corpus() -> Corpus:
     secret = c.secret()
     c.add("undecodable body with a password", UNDECODABLE, dump(with_body(envelope(
         tok), json.dumps([[secret], {"data": user(tok, secret)}])), compact=True), tok)
+    tok = c.token()
+    c.add("a body of args only, with a password", UNDECODABLE, dump(with_body(envelope(
+        tok), json.dumps([[tok, c.secret()]]))), tok)
+    tok = c.token()
+    c.add("a body not serialized, with a positional password", UNDECODABLE, dump(with_body(
+        envelope(tok), [[c.secret()], {"data": {"name": tok}}, {}])), tok)
+    tok = c.token()
+    c.add("a bare body on the queue, with a positional password", UNDECODABLE,
+          json.dumps([[tok, c.secret()], {"case": tok}, {}]).encode(), tok, task_id=None)
+    tok = c.token()
+    c.add("a body that is a JSON string", UNDECODABLE, dump(with_body(envelope(
+        tok), json.dumps(c.secret()))), tok)
+    tok = c.token()
+    message = envelope(tok)
+    message["headers"] = {"case": tok}
+    message["body"] = b64(json.dumps({"task": "users.create", "id": f"{tok}-p1",
+                                      "args": [tok, c.secret()],
+                                      "kwargs": {"data": user(tok, c.secret())}}))
+    c.add("Celery protocol 1, positional password", UNDECODABLE, dump(message), tok,
+          task_id=None)
     tok = c.token()
     message = envelope(tok)
     message["headers"]["password"] = c.secret()
@@ -560,7 +584,10 @@ def build_corpus() -> Corpus:
                       ("a list nested 100000 deep", b"[" * 100_000 + b"]" * 100_000)]:
         tok = c.token()
         try:
-            evidence = json.dumps(json.loads(raw), separators=(",", ":"))
+            parsed = json.loads(raw)
+            # A bare string has no name to go by: it could be a password, so it is redacted.
+            evidence = json.dumps("[redacted]" if isinstance(parsed, str) else parsed,
+                                  separators=(",", ":"))
         except (ValueError, RecursionError):
             evidence = None
         c.add(name, UNDECODABLE, raw, tok, task_id=None, evidence=evidence)
