@@ -717,11 +717,23 @@ def build_corpus() -> Corpus:
     message["body"] = b64(b"\x1f\x8b" + base64.b64decode(message["body"]))
     c.add("gzip header on a zlib body", UNDECODABLE, dump(message), tok)
 
-    # Canvas that is none.
+    # Canvas that is not canvas.
+    # Celery reads it after the command has run: refused before, or the committed command
+    # would end as a FAILURE.
     for name, embed, outcome in [
         ("embed null", "null", APPLIED),
         ("no callbacks", '{"callbacks": null, "errbacks": [], "chain": null, "chord": null}',
          APPLIED),
+        ("callbacks 'x'", '{"callbacks": "x"}', INVALID),
+        ("chain 5", '{"chain": 5}', INVALID),
+        ("errbacks [{}]", '{"errbacks": [{}]}', INVALID),
+        ("chord [1]", '{"chord": [1]}', INVALID),
+        ("callbacks [{}]", '{"callbacks": [{}]}', INVALID),
+        ("a callback whose options are 5", '{"callbacks": [{"task": "tags.create", '
+                                           '"options": 5}]}', INVALID),
+        ("a callback whose kwargs are a list", '{"callbacks": [{"task": "tags.create", '
+                                               '"kwargs": []}]}', INVALID),
+        ("chain nested 900 deep", '{"chain": DEEP}', INVALID),
     ]:
         tok = c.token()
         message = envelope(tok)

@@ -149,7 +149,8 @@ def _header_problem(message: protocol.Message) -> CommandRejected | None:
             protocol.parse_time(message.headers.get(name))
         except ValueError:
             return Invalid(f"the {name} header is not an ISO 8601 date and time")
-    return None
+    problem = protocol.canvas_problem(message.embed)
+    return Invalid(problem) if problem is not None else None
 
 
 # --- applying -------------------------------------------------------------------------------
@@ -429,7 +430,7 @@ class BatchRunner:
         """Whether Celery's tracer must report this one: canvas, or signal handlers to call."""
         if not delivery.command.task_id or delivery.command.task not in self.app.tasks:
             return False
-        if delivery.has_canvas:
+        if delivery.has_canvas and protocol.canvas_problem(delivery.embed) is None:
             return True
         return any(signal.receivers for signal in _SIGNALS) and not delivery.revoked
 

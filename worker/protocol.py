@@ -206,6 +206,30 @@ def text_id(value: Any) -> str | None:
     return value
 
 
+def _signature(value: Any) -> bool:
+    """Whether `value` has the shape of a Celery signature (as `Signature.from_dict` reads)."""
+    return (isinstance(value, dict) and isinstance(value.get("task"), str)
+            and isinstance(value.get("args", ()), list | tuple | None)
+            and isinstance(value.get("kwargs", {}), dict | None)
+            and isinstance(value.get("options", {}), dict | None))
+
+
+def canvas_problem(embed: dict[str, Any]) -> str | None:
+    """What is wrong with a message's canvas (callbacks, errbacks, chain, chord), if anything.
+
+    Celery reads these as signatures only after the task has run: a malformed one would turn
+    a committed command into a FAILURE. Found here, the message is refused before that.
+    """
+    for name in ("callbacks", "errbacks", "chain"):
+        value = embed.get(name)
+        if value is not None and not (isinstance(value, list)
+                                      and all(_signature(item) for item in value)):
+            return f"the message's {name} is not a list of signatures"
+    if embed.get("chord") is not None and not _signature(embed["chord"]):
+        return "the message's chord is not a signature"
+    return None
+
+
 def depth(value: Any) -> int:
     """How deeply `value` nests lists and objects (0 for a scalar); iterative, any depth."""
     deepest = 0
