@@ -690,6 +690,9 @@ def build_corpus() -> Corpus:
         ("base64 without its padding", lambda t: b64(body(t) + "x").rstrip("="), UNDECODABLE),
         ("base64 with line breaks", lambda t: "\n".join(
             b64(body(t))[start:start + 20] for start in range(0, 200, 20)), UNDECODABLE),
+        ("base64 of UTF-16", lambda t: b64(body(t).encode("utf-16")), UNDECODABLE),
+        ("base64 of UTF-8 with a BOM", lambda t: b64(b"\xef\xbb\xbf" + body(t).encode()),
+         UNDECODABLE),
         ("base64 of Latin-1", lambda t: b64(json.dumps(
             [[], {"data": {"name": t + "\xe9"}}, {}], ensure_ascii=False).encode("latin-1")),
          UNDECODABLE),
@@ -791,6 +794,12 @@ def build_corpus() -> Corpus:
     tok = c.token()
     c.add("a key given twice", APPLIED, dump(envelope(tok)).replace(
         b'{"case"', b'{"body": "W10=", "case"'), tok)
+    tok = c.token()
+    c.add("a BOM before the envelope", UNDECODABLE, b"\xef\xbb\xbf" + dump(envelope(tok)), tok,
+          task_id=None)
+    tok = c.token()
+    c.add("an envelope in UTF-16", UNDECODABLE, dump(envelope(tok)).decode().encode("utf-16"),
+          tok, task_id=None)
     tok = c.token()
     c.add("delivered MAX_DELIVERIES times before", EXHAUSTED, dump(envelope(tok)), tok,
           preset=MAX_DELIVERIES)

@@ -79,13 +79,15 @@ def loads(raw: bytes | str) -> Any:
 
     orjson refuses some JSON that the standard library reads (NaN, integers beyond 64 bits,
     lone surrogates): those take the slow path, so what a message means never depends on it.
-    Raises ValueError for anything that is not JSON, however deeply nested.
+    Raises ValueError for anything that is not JSON in UTF-8, however deeply nested.
     """
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(raw)
+            # UTF-8 only, as JSON is exchanged (RFC 8259) and kombu reads it: the standard
+            # library would take bytes in UTF-16 or UTF-32, or after a byte order mark.
+            return json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
         except RecursionError:
             # Nested deeper than the interpreter's stack: not a message, whatever it is.
             raise ValueError("JSON nested too deeply") from None
