@@ -19,10 +19,12 @@ from __future__ import annotations
 import base64
 import bz2
 import hashlib
+import itertools
 import json
 import lzma
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -70,8 +72,13 @@ IDENTICAL_COPIES = (
     "deliveries are counted per digest of the raw bytes (worker/lua/take.lua): identical copies "
     "taken while another is held count as redeliveries, and those past MAX_DELIVERIES become "
     "retries_exhausted dead letters although their key was applied (a duplicate)")
+CALLBACK_OPTIONS = (
+    "Celery reads a callback's options (countdown, priority...) after the command has run "
+    "and committed: one of the wrong type makes its tracer store FAILURE for an applied "
+    "command, with no dead letter (worker/batch.py _trace)")
 #: "password" in fullwidth letters (NFKC folds them to plain ones).
 FULLWIDTH_PASSWORD = "\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44"
+LOG_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d [^]]*: [A-Z]+/", re.MULTILINE)
 TABLES = ("users", "posts", "tags", "post_tags", "command_ledger", "dead_letters")
 
 
@@ -989,8 +996,8 @@ for letter_id in sys.argv[1:]:
 
 def ended(corpus: Corpus, letters: list[dict[str, Any]], ledger: dict[str, Any],
           results: dict[str, Any]) -> bool:
-    """Whether every case has (at least) its outcome recorded."""
-    wanted_letters = sum(case.rejected for case in corpus.cases)
+    """Whether every case has (at least) its outcome recorded (known bugs' cases aside)."""
+    wanted_letters = sum(case.rejected and not case.known for case in corpus.cases)
     return (len(letters) >= wanted_letters
             and all(case.key in ledger for case in corpus.cases if case.outcome == APPLIED)
             and all(case.task_id in results for case in corpus.cases if case.result))
@@ -1075,15 +1082,15 @@ def run(servers: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> I
 
 # --- the checks -----------------------------------------------------------------------------
 
-def outcome_problems(run: Run, known: bool = False) -> list[str]:
+def outcome_problems(run: Run, known: str = "") -> list[str]:
     """Every way in which a case did not end in exactly its one outcome.
 
-    `known`: only the cases of bugs known and not fixed yet (else: every other case).
+    `known`: only the cases of that bug, known and not fixed yet (else: every other case).
     """
     problems = []
     claimed: dict[int, list[str]] = {}
     for case in run.corpus.cases:
-        if bool(case.known) != known:
+        if case.known != known:
             for letter in run.letters:
                 if case.token in letter["text"]:
                     claimed.setdefault(letter["id"], []).append(case.name)
@@ -1145,9 +1152,30 @@ def test_every_message_ends_in_exactly_its_one_outcome(run: Run) -> None:
 
 @pytest.mark.xfail(strict=True, reason=IDENTICAL_COPIES)
 def test_identical_copies_beyond_max_deliveries_are_duplicates(run: Run) -> None:
-    assert [case.name for case in run.corpus.cases if case.known]
-    problems = outcome_problems(run, known=True)
+    assert [case.name for case in run.corpus.cases if case.known == IDENTICAL_COPIES]
+    problems = outcome_problems(run, known=IDENTICAL_COPIES)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.xfail(strict=True, reason=CALLBACK_OPTIONS)
+def test_a_callback_with_options_of_the_wrong_type_is_refused_before_applying(
+    broker_url: str, worker_process: WorkerProcess, clean_database: str
+) -> None:
+    # On the suite's own worker: its log would be the corpus's otherwise (Celery's tracer
+    # logs the error without the task id).
+    client = redis.Redis.from_url(broker_url)
+    tok = f"callback-{uuid.uuid4().hex[:8]}"
+    message = envelope(tok)
+    message["body"] = b64(json.dumps([[], {"data": {"name": tok}}, {"callbacks": [
+        {"task": "tags.create", "options": {"countdown": "x"}}]}]))
+    client.lpush(QUEUE, dump(message))
+    deadline = time.monotonic() + 30
+    while not client.exists(f"celery-task-meta-{tok}-id"):
+        assert time.monotonic() < deadline, "no outcome"
+        time.sleep(0.05)
+    time.sleep(0.5)  # its dead letter, if any, commits before its result is stored
+    assert [letter["reason"] for letter in read_letters(clean_database)] == [INVALID]
+    assert f"{tok}-id" not in read_ledger(clean_database)
 
 
 def test_every_outcome_is_told_in_a_task_event(run: Run) -> None:
@@ -1157,7 +1185,8 @@ def test_every_outcome_is_told_in_a_task_event(run: Run) -> None:
             told.setdefault(event["uuid"], set()).add(event["type"])
     kinds = {SUCCESS: "task-succeeded", FAILURE: "task-failed", "REVOKED": "task-revoked"}
     missing = [f"{case.name}: no {kinds[case.result]}" for case in run.corpus.cases
-               if case.result and kinds[case.result] not in told.get(case.task_id or "", ())]
+               if case.result and not case.known
+               and kinds[case.result] not in told.get(case.task_id or "", ())]
     assert not missing, "\n".join(missing)
 
 
@@ -1171,13 +1200,22 @@ def test_the_node_applies_fresh_commands_and_again_after_a_restart(run: Run) -> 
         assert "Unrecoverable error" not in log
 
 
+def log_records(log: str) -> list[str]:
+    """A Celery log's records, each with the lines that follow it (its traceback)."""
+    starts = [match.start() for match in LOG_RECORD.finditer(log)] + [len(log)]
+    return [log[start:end] for start, end in itertools.pairwise(starts)]
+
+
 def test_nothing_went_wrong_in_the_worker(run: Run) -> None:
-    """No batch fell back to one-by-one, no process was lost, nothing was put back."""
-    lines = [line for log in run.logs for line in log.splitlines()
-             if "Traceback" in line or "ERROR/" in line or "CRITICAL/" in line
-             or "goes back on the queue" in line or "one by one" in line
-             or "were put back" in line]
-    assert not lines, "\n".join(lines[:20])
+    """No error, no batch fell back to one-by-one, no process was lost, nothing put back
+    (but for the known bugs' own cases)."""
+    known = [case.token for case in run.corpus.cases if case.known]
+    wrong = [record for log in run.logs for record in log_records(log)
+             if any(sign in record for sign in ("Traceback", "ERROR/", "CRITICAL/",
+                                                  "goes back on the queue", "one by one",
+                                                  "were put back"))
+             and not any(token in record for token in known)]
+    assert not wrong, "\n".join(record[:500] for record in wrong[:10])
 
 
 def needles(secret: str) -> set[bytes]:
