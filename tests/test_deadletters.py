@@ -271,6 +271,36 @@ def test_a_body_that_is_compressed_pickled_or_not_json_is_kept_as_its_size_only(
     assert set(kept) == {"size", "not_kept"} and kept["size"] == len(body)
 
 
+@pytest.mark.parametrize("body", [
+    [["ada", SECRET]],  # args only
+    [[], {}, {}, ["ada", SECRET]],  # more than [args, kwargs, embed]
+    {"task": "users.create", "id": "p1", "args": ["ada", SECRET], "kwargs": {}},  # protocol 1
+    SECRET,  # a bare string
+])
+@pytest.mark.parametrize("serialized", [True, False])
+def test_a_body_of_any_shape_keeps_no_positional_secret(body: Any, serialized: bool) -> None:
+    message = envelope({})
+    message["body"] = json.dumps(body) if serialized else body
+    message["properties"]["body_encoding"] = "utf-8"
+    assert_no_secret(raw_evidence(json.dumps(message).encode()))
+
+
+def test_a_bare_body_on_the_queue_keeps_no_positional_secret() -> None:
+    evidence = raw_evidence(json.dumps([["ada", SECRET], {"note": "n"}, {}]).encode())
+    assert_no_secret(evidence)
+    assert evidence.text is not None and json.loads(evidence.text)[1] == {"note": "n"}
+
+
+def test_a_task_name_carrying_a_secret_is_not_kept(clean_database: str) -> None:
+    with db.transaction() as session:
+        deadletters.record(session, reason="unknown_command", error="unknown_command: x",
+                           task=json.dumps({"password": SECRET}))
+        deadletters.record(session, reason="unknown_command", error="unknown_command: x",
+                           task="tags.nul\x00")
+    names = [row[0] for row in rows(clean_database, "SELECT task FROM dead_letters ORDER BY id")]
+    assert names == [REDACTED, "tags.nul\\x00"]
+
+
 def test_producer_reprs_in_the_headers_are_redacted() -> None:
     message = envelope({})
     message["headers"]["kwargsrepr"] = f"{{'data': {{'password': '{SECRET}'}}}}"

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
@@ -83,15 +84,18 @@ def stack(servers: Servers) -> Iterator[Servers]:
 class Consumer:
     """A worker node (`celery worker`, 2 pool processes) with a short visibility timeout."""
 
-    def __init__(self, stack: Servers, **env: str) -> None:
+    def __init__(self, stack: Servers, *options: str, log: Path | None = None,
+                 **env: str) -> None:
         command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
                    "-c", "2", "--batch-size", "50", "--loglevel", "WARNING",
-                   "--without-gossip", "--without-mingle", "-n", f"fault-{uuid.uuid4().hex[:6]}@%h"]
+                   "--without-gossip", "--without-mingle", "-n", f"fault-{uuid.uuid4().hex[:6]}@%h",
+                   *options]
         environment = {**os.environ, **TEST_ENV, "DATABASE_URL": stack.database_url,
                        "BROKER_URL": stack.broker_url, "BROKER_VISIBILITY_TIMEOUT": "6",
                        "RETRY_BACKOFF_MAX": "2", "MAX_RETRIES": "30", **env}
+        output: Any = log.open("wb") if log is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(command, cwd=ROOT, env=environment,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        stdout=output, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         RUNNING.append(self)
 
@@ -331,4 +335,135 @@ def test_an_update_before_its_create_is_not_found_and_nothing_else_is_lost(
     oracle(stack, "update before create", [k["command_id"] for _, k in load])
     assert scalar(stack.database_url,
                   "SELECT reason FROM dead_letters WHERE command_id = 'early'") == "not_found"
+    consumer.stop()
+
+
+class Killer:
+    """SIGKILLs the pool process that is applying the marked command, each time it is.
+
+    A trigger on `tags` holds the insert of the tag named MARKED in `pg_sleep`; this watcher
+    finds that backend in `pg_stat_activity`, maps its client port to the worker's process
+    holding that connection (psutil), and kills that process: nothing in the product knows.
+    """
+
+    MARKED = "the-killer"
+
+    def __init__(self, stack: Servers) -> None:
+        self.url = stack.database_url
+        self.consumer: Consumer | None = None
+        self.killed: list[int] = []
+        self.stopping = threading.Event()
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(
+                "CREATE FUNCTION hold_marked_tag() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF NEW.name = '{self.MARKED}' THEN PERFORM pg_sleep(60); END IF; "
+                "RETURN NEW; END $$"))
+            connection.execute(text(
+                "CREATE TRIGGER hold_marked_tag BEFORE INSERT ON tags "
+                "FOR EACH ROW EXECUTE FUNCTION hold_marked_tag()"))
+            # A backend whose client died notices it within 100 ms, even asleep, and rolls
+            # back, as it would on its next read: the killed batch's rows do not linger.
+            connection.execute(text(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET "
+                "client_connection_check_interval = ''100ms''', current_database()); END $$"))
+        engine.dispose()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self, consumer: Consumer) -> None:
+        """Watch `consumer`'s processes."""
+        self.consumer = consumer
+        self.thread.start()
+
+    def _watch(self) -> None:
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        seen: set[int] = set()
+        try:
+            while not self.stopping.is_set():
+                with engine.connect() as connection:
+                    held = connection.execute(text(
+                        "SELECT pid, client_port FROM pg_stat_activity "
+                        "WHERE wait_event = 'PgSleep' AND pid <> pg_backend_pid()")).all()
+                for backend, port in held:
+                    if backend in seen:
+                        continue
+                    process = self._holder(port)
+                    if process is not None:
+                        seen.add(backend)
+                        process.kill()
+                        self.killed.append(process.pid)
+                time.sleep(0.02)
+        finally:
+            engine.dispose()
+
+    def _holder(self, port: int) -> psutil.Process | None:
+        """The worker's process whose end of a connection has local port `port`."""
+        assert self.consumer is not None
+        for process in psutil.Process(self.consumer.process.pid).children(recursive=True):
+            try:
+                if any(connection.laddr and connection.laddr.port == port
+                       for connection in process.net_connections(kind="tcp")):
+                    return process
+            except psutil.NoSuchProcess:
+                continue
+        return None
+
+    def remove(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text("DROP TRIGGER IF EXISTS hold_marked_tag ON tags"))
+            connection.execute(text("DROP FUNCTION IF EXISTS hold_marked_tag()"))
+            connection.execute(text(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I RESET "
+                "client_connection_check_interval', current_database()); END $$"))
+            connection.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE wait_event = 'PgSleep'"))
+        engine.dispose()
+
+
+def test_a_command_that_kills_its_process_takes_no_batch_mate_with_it(
+    stack: Servers, tmp_path: Path
+) -> None:
+    """A full batch of 100 with one killer: the 99 others are applied once each, the killer
+    ends as one retries_exhausted dead letter after MAX_DELIVERIES deliveries (each killed),
+    nothing is left in Redis, and the node goes on consuming."""
+    load = tags("batch", 99)
+    load.insert(50, ("tags.create", {"command_id": "killer", "data": {"name": Killer.MARKED}}))
+    publish(stack, load)  # before the node starts: its first take is the whole batch
+    killer = Killer(stack)  # the trigger is in place before any process connects
+    log = tmp_path / "worker.log"
+    try:
+        consumer = Consumer(stack, "-c", "1", "--batch-size", "100", log=log,
+                            MAX_DELIVERIES="5")
+        node = psutil.Process(consumer.process.pid)
+        killer.start(consumer)
+        oracle(stack, "a killer in a batch of 100", [k["command_id"] for _, k in load])
+        assert scalar(stack.database_url, "SELECT reason FROM dead_letters "
+                                          "WHERE command_id = 'killer'") == "retries_exhausted"
+        assert scalar(stack.database_url, "SELECT count(*) FROM dead_letters") == 1
+        assert scalar(stack.database_url, "SELECT count(*) FROM command_ledger") == 99
+        assert scalar(stack.database_url, f"SELECT count(*) FROM tags "
+                                          f"WHERE name = '{Killer.MARKED}'") == 0
+        # Killed at each of its MAX_DELIVERIES deliveries, never at the one after.
+        assert len(killer.killed) == 5, killer.killed
+        assert node.pid not in killer.killed
+        lost = [line for line in log.read_text(errors="replace").splitlines()
+                if "pool process was lost while applying" in line]
+        assert "<batch of 100 from 'commands'>" in lost[0], lost
+        assert all("<batch of 1 from 'commands'>" in line for line in lost[1:]), lost
+        broker = redis.Redis.from_url(stack.broker_url)
+        for key in ("commands.deliveries", "commands.delayed", "commands.delayed.items"):
+            assert not broker.exists(key), key
+        # The node that lost five processes goes on.
+        after = tags("after-killer", 10)
+        publish(stack, after)
+        oracle(stack, "after the killer", [k["command_id"] for _, k in after],
+               effects_table=None)
+        assert scalar(stack.database_url, "SELECT count(*) FROM tags") == 99 + 10
+        assert node.is_running() and consumer.process.poll() is None
+    finally:
+        killer.remove()
     consumer.stop()

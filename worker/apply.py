@@ -444,6 +444,10 @@ def run_batch(commands: Sequence[Command], claim_first: bool = False) -> None:
     for command in commands:
         if command.key is None and command.rejection is None and command.result is None:
             prepare(command)
+        elif command.key is None:
+            # Rejected before it could be prepared (undecodable, over the size limit, nested
+            # too deeply): its dead letter is filed under its key all the same, when it has one.
+            command.key = idempotency_key(command.kwargs, command.task_id)
     keys = [command.key for command in commands if command.rejection is None]
     claim_first = claim_first or len(set(keys)) < len(keys)
     try:

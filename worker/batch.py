@@ -45,7 +45,7 @@ from worker.errors import (
     TimeLimitExceeded,
     Undecodable,
 )
-from worker.security import safe_repr
+from worker.security import printable, safe_repr
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def _header_problem(message: protocol.Message) -> CommandRejected | None:
             protocol.parse_time(message.headers.get(name))
         except ValueError:
             return Invalid(f"the {name} header is not an ISO 8601 date and time")
-    return None
+    problem = protocol.canvas_problem(message.embed)
+    return Invalid(problem) if problem is not None else None
 
 
 # --- applying -------------------------------------------------------------------------------
@@ -269,8 +270,15 @@ class TaskEvents:
         """The pending events as (channel, message) pairs to PUBLISH (none or one), forgotten."""
         if not self.pending:
             return []
-        body = base64.b64encode(orjson.dumps(self.pending, default=str)).decode()
-        self.pending = []
+        pending, self.pending = self.pending, []
+        try:
+            body = base64.b64encode(orjson.dumps(pending, default=str)).decode()
+        except orjson.JSONEncodeError:
+            # Events are told on a best-effort basis; outcomes must be stored and acknowledged
+            # whatever an event holds, or the batch would come back again and again.
+            logger.error("%d task event(s) could not be encoded and were not sent",
+                         len(pending))
+            return []
         properties = {**self.template["properties"], "delivery_tag": str(uuid.uuid4())}
         return [(self.channel, orjson.dumps({**self.template, "body": body,
                                              "properties": properties}))]
@@ -359,15 +367,17 @@ class BatchRunner:
                     logger.exception("command %s could not be validated", delivery.message.tag)
             delivery.runtime = time.time() - delivery.started_at
             if events is not None and command.task_id:
+                headers = delivery.headers
                 events.add("task-received", command.task_id,
-                           timestamp=delivery.received.received_at, name=command.task,
+                           timestamp=delivery.received.received_at,
+                           name=printable(command.task),
                            args=safe_repr(command.args, positional=True),
                            kwargs=safe_repr(command.kwargs),
-                           root_id=delivery.headers.get("root_id"),
-                           parent_id=delivery.headers.get("parent_id"),
-                           retries=delivery.headers.get("retries") or 0,
-                           eta=delivery.headers.get("eta"),
-                           expires=delivery.headers.get("expires"))
+                           root_id=_shown_header(headers.get("root_id")),
+                           parent_id=_shown_header(headers.get("parent_id")),
+                           retries=_retries(headers.get("retries")),
+                           eta=_shown_header(headers.get("eta")),
+                           expires=_shown_header(headers.get("expires")))
                 events.add("task-started", command.task_id, timestamp=delivery.started_at,
                            pid=os.getpid())
         began = time.time()
@@ -432,7 +442,7 @@ class BatchRunner:
         """Whether Celery's tracer must report this one: canvas, or signal handlers to call."""
         if not delivery.command.task_id or delivery.command.task not in self.tasks:
             return False
-        if delivery.has_canvas:
+        if delivery.has_canvas and protocol.canvas_problem(delivery.embed) is None:
             return True
         return any(signal.receivers for signal in _SIGNALS) and not delivery.revoked
 
@@ -531,6 +541,22 @@ class BatchRunner:
                     raise
                 logger.warning("Redis unreachable while storing outcomes; retrying")
                 time.sleep(1)
+
+
+def _shown_header(value: Any) -> str | None:
+    """A header a task event carries, as shown: text only, escaped and without secrets.
+
+    Headers are the producer's: a nested, unencodable or secret-bearing value would stop the
+    batch's events from being sent (and so the batch from being acknowledged) or be shown.
+    """
+    return printable(value) if isinstance(value, str) else None
+
+
+def _retries(value: Any) -> int:
+    """The `retries` header as a task event carries it: a count, 0 when it is none."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return 0
 
 
 def _forget(command: apply.Command) -> None:

@@ -39,6 +39,7 @@ from worker.security import (
     NESTED_TOO_DEEPLY,
     REDACTED,
     is_password_hash,
+    printable,
     redact,
     redact_args,
     safe_repr,
@@ -157,6 +158,25 @@ def _opaque(data: bytes, why: str) -> dict[str, Any]:
     return {"size": len(data), "not_kept": why}
 
 
+def _shown_body(parsed: Any) -> Any:
+    """A parsed body (or a queue item that is no envelope) with its secrets redacted.
+
+    Positional arguments have no names to go by: Celery's are the first element of a list
+    body (`[args, kwargs, embed]`) and a protocol-1 body's `args`; they are redacted as
+    such, and so are a list's elements past the third and a bare string, whose meaning
+    nothing tells.
+    """
+    if isinstance(parsed, list):
+        return [redact_args(part) if index == 0 or index > 2 else redact(part)
+                for index, part in enumerate(parsed)]
+    if isinstance(parsed, Mapping):
+        shown = redact(parsed)
+        if isinstance(shown, dict) and "args" in parsed:
+            shown["args"] = redact_args(parsed["args"])
+        return shown
+    return redact_args(parsed)
+
+
 def _decoded_body(body: Any, envelope: Mapping[str, Any]) -> Any:
     """An envelope's `body` as evidence: its redacted parse when it is plain JSON, else opaque.
 
@@ -164,7 +184,7 @@ def _decoded_body(body: Any, envelope: Mapping[str, Any]) -> Any:
     another content encoding, or one that is not JSON is kept only as its size.
     """
     if not isinstance(body, str):
-        return redact(body)
+        return _shown_body(body)
     properties = envelope.get("properties")
     headers = envelope.get("headers")
     data = body.encode("utf-8", "surrogatepass")
@@ -182,16 +202,13 @@ def _decoded_body(body: Any, envelope: Mapping[str, Any]) -> Any:
         parsed = loads(data)
     except Exception:  # not JSON (a pickle, a repr, yaml...), or not UTF-8
         return _opaque(data, "not JSON")
-    if isinstance(parsed, list) and len(parsed) >= 2:
-        # Celery's [args, kwargs, embed]: positional arguments have no names to go by.
-        return [redact_args(parsed[0]), *(redact(part) for part in parsed[1:])]
-    return redact(parsed)
+    return _shown_body(parsed)
 
 
 def _evidence_value(parsed: Any) -> Any:
     """A parsed queue item with every secret redacted and its body decoded or made opaque."""
     if not isinstance(parsed, Mapping):
-        return redact(parsed)
+        return _shown_body(parsed)  # a body pushed without its envelope, say
     shown = redact({key: value for key, value in parsed.items() if key != "body"})
     if "body" in parsed:
         shown["body"] = _decoded_body(parsed["body"], parsed)
@@ -291,7 +308,8 @@ def record(
         "reason": reason,
         "error": _cut(error, ERROR_LIMIT) or "",
         "command_id": _cut(command_id, COMMAND_ID_LIMIT),
-        "task": _cut(task, TASK_LIMIT),
+        # The name as sent when it is a name; escaped, or redacted if it carries a secret.
+        "task": _cut(printable(task, TASK_LIMIT), TASK_LIMIT) if task is not None else None,
         "raw_size": raw.size if raw is not None else None,
         "raw_sha256": raw.sha256 if raw is not None else None,
     }

@@ -79,13 +79,15 @@ def loads(raw: bytes | str) -> Any:
 
     orjson refuses some JSON that the standard library reads (NaN, integers beyond 64 bits,
     lone surrogates): those take the slow path, so what a message means never depends on it.
-    Raises ValueError for anything that is not JSON, however deeply nested.
+    Raises ValueError for anything that is not JSON in UTF-8, however deeply nested.
     """
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(raw)
+            # UTF-8 only, as JSON is exchanged (RFC 8259) and kombu reads it: the standard
+            # library would take bytes in UTF-16 or UTF-32, or after a byte order mark.
+            return json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
         except RecursionError:
             # Nested deeper than the interpreter's stack: not a message, whatever it is.
             raise ValueError("JSON nested too deeply") from None
@@ -186,10 +188,48 @@ def decode(raw: bytes, limit: int = 1 << 20) -> Message:
         raise UndecodableMessage("args must be a list and kwargs an object")
     if embed is not None and not isinstance(embed, dict):
         raise UndecodableMessage("the body's third element must be an object")
-    task_id = headers.get("id")
-    return Message(task_id=task_id if isinstance(task_id, str) else None, task=task,
+    return Message(task_id=text_id(headers.get("id")), task=task,
                    args=args, kwargs=kwargs, headers=headers, properties=properties,
                    embed=embed or {})
+
+
+def text_id(value: Any) -> str | None:
+    """A task id header as the worker can use it: text that UTF-8 can encode, else None.
+
+    JSON can carry an unpaired surrogate ("\\ud800"), which no Redis key, result or event
+    can hold: such an id is no task id at all, as a number or a list would not be.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _signature(value: Any) -> bool:
+    """Whether `value` has the shape of a Celery signature (as `Signature.from_dict` reads)."""
+    return (isinstance(value, dict) and isinstance(value.get("task"), str)
+            and isinstance(value.get("args", ()), list | tuple | None)
+            and isinstance(value.get("kwargs", {}), dict | None)
+            and isinstance(value.get("options", {}), dict | None))
+
+
+def canvas_problem(embed: dict[str, Any]) -> str | None:
+    """What is wrong with a message's canvas (callbacks, errbacks, chain, chord), if anything.
+
+    Celery reads these as signatures only after the task has run: a malformed one would turn
+    a committed command into a FAILURE. Found here, the message is refused before that.
+    """
+    for name in ("callbacks", "errbacks", "chain"):
+        value = embed.get(name)
+        if value is not None and not (isinstance(value, list)
+                                      and all(_signature(item) for item in value)):
+            return f"the message's {name} is not a list of signatures"
+    if embed.get("chord") is not None and not _signature(embed["chord"]):
+        return "the message's chord is not a signature"
+    return None
 
 
 def depth(value: Any) -> int:
@@ -286,6 +326,5 @@ def identity(raw: bytes | None, tail: bytes = b"") -> tuple[str | None, str | No
             task_id, task = headers.get("id"), headers.get("task")
         except Exception:  # noqa: S112 - best effort: the next candidate, or none
             continue
-        return (task_id if isinstance(task_id, str) else None,
-                task if isinstance(task, str) else None)
+        return text_id(task_id), task if isinstance(task, str) else None
     return None, None
