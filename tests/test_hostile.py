@@ -72,10 +72,6 @@ IDENTICAL_COPIES = (
     "deliveries are counted per digest of the raw bytes (worker/lua/take.lua): identical copies "
     "taken while another is held count as redeliveries, and those past MAX_DELIVERIES become "
     "retries_exhausted dead letters although their key was applied (a duplicate)")
-CALLBACK_OPTIONS = (
-    "Celery reads a callback's options (countdown, priority...) after the command has run "
-    "and committed: one of the wrong type makes its tracer store FAILURE for an applied "
-    "command, with no dead letter (worker/batch.py _trace)")
 #: "password" in fullwidth letters (NFKC folds them to plain ones).
 FULLWIDTH_PASSWORD = "\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44"
 LOG_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d [^]]*: [A-Z]+/", re.MULTILINE)
@@ -1157,7 +1153,6 @@ def test_identical_copies_beyond_max_deliveries_are_duplicates(run: Run) -> None
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason=CALLBACK_OPTIONS)
 def test_a_callback_with_options_of_the_wrong_type_is_refused_before_applying(
     broker_url: str, worker_process: WorkerProcess, clean_database: str
 ) -> None:

@@ -11,6 +11,7 @@ import binascii
 import bz2
 import json
 import lzma
+import math
 import uuid
 import zlib
 from collections.abc import Callable
@@ -208,12 +209,88 @@ def text_id(value: Any) -> str | None:
     return value
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _time(value: Any) -> bool:
+    try:
+        parse_time(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+# The options Celery computes with when it publishes a callback, a chain's next step or a
+# chord's body (`Signature.apply_async` -> `app.send_task`), and what each must be: one of
+# the wrong type fails there, after the command has committed.
+_OPTION_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "countdown": _number,
+    "eta": lambda value: isinstance(value, str) and _time(value),
+    "expires": lambda value: _number(value) or (isinstance(value, str) and _time(value)),
+    "priority": lambda value: isinstance(value, int) and not isinstance(value, bool)
+    and 0 <= value <= 255,
+    "time_limit": _number,
+    "soft_time_limit": _number,
+    "task_id": lambda value: text_id(value) is not None,
+    "queue": lambda value: isinstance(value, str | dict),
+    "routing_key": lambda value: isinstance(value, str),
+    "exchange": lambda value: isinstance(value, str | dict),
+    "headers": lambda value: isinstance(value, dict),
+    "retry": lambda value: isinstance(value, bool),
+    "retry_policy": lambda value: isinstance(value, dict),
+    "ignore_result": lambda value: isinstance(value, bool),
+    "immutable": lambda value: isinstance(value, bool),
+    "link": lambda value: isinstance(value, list | dict),
+    "link_error": lambda value: isinstance(value, list | dict),
+}
+
+
+def _options_fit(options: Any) -> bool:
+    if options is None:
+        return True
+    if not isinstance(options, dict):
+        return False
+    for name, check in _OPTION_CHECKS.items():
+        value = options.get(name)
+        if value is not None and not check(value):
+            return False
+    return True
+
+
 def _signature(value: Any) -> bool:
-    """Whether `value` has the shape of a Celery signature (as `Signature.from_dict` reads)."""
+    """Whether `value` has the shape of a Celery signature (as `Signature.from_dict` reads),
+    with options Celery can publish it with."""
     return (isinstance(value, dict) and isinstance(value.get("task"), str)
             and isinstance(value.get("args", ()), list | tuple | None)
             and isinstance(value.get("kwargs", {}), dict | None)
-            and isinstance(value.get("options", {}), dict | None))
+            and _options_fit(value.get("options", {}))
+            and all(_signature(inner) for inner in _nested_signatures(value)))
+
+
+def _nested_signatures(value: dict[str, Any]) -> list[Any]:
+    """Signatures inside a signature: a group's or chain's tasks, a chord's body, links."""
+    inner: list[Any] = []
+    kwargs = value.get("kwargs") or {}
+    if isinstance(kwargs, dict):
+        for name in ("tasks", "header"):
+            tasks = kwargs.get(name)
+            if isinstance(tasks, list):
+                inner += tasks
+            elif isinstance(tasks, dict) and "task" in tasks:
+                inner.append(tasks)
+        if isinstance(kwargs.get("body"), dict):
+            inner.append(kwargs["body"])
+    options = value.get("options") or {}
+    if isinstance(options, dict):
+        for name in ("link", "link_error"):
+            links = options.get(name)
+            if isinstance(links, dict):
+                inner.append(links)
+            elif isinstance(links, list):
+                inner += links
+    return inner
 
 
 def canvas_problem(embed: dict[str, Any]) -> str | None:
@@ -222,6 +299,10 @@ def canvas_problem(embed: dict[str, Any]) -> str | None:
     Celery reads these as signatures only after the task has run: a malformed one would turn
     a committed command into a FAILURE. Found here, the message is refused before that.
     """
+    if depth(embed) > 2 * MAX_DEPTH:
+        # Real canvases nest a few levels (a chord's body in a chain's step); reading one
+        # deeper would recurse past any stack.
+        return "the message's canvas is nested too deeply"
     for name in ("callbacks", "errbacks", "chain"):
         value = embed.get(name)
         if value is not None and not (isinstance(value, list)
