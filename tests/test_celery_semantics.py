@@ -646,6 +646,10 @@ def test_a_command_over_its_soft_time_limit_fails_as_time_limit_exceeded_with_a_
     ((reason, error),) = dead_letters(cluster.database, task_id)
     assert reason == "retries_exhausted" and "time limit" in error
     assert cluster.tag(name).version == 1
+    # The node heard the pool's timeout callback (billiard calls it with soft=, timeout=).
+    log = cluster.a.log_text()
+    assert "exceeded its soft time limit of 1 s" in log
+    assert "Pool callback raised exception" not in log
 
 
 # --- priorities, purge ----------------------------------------------------------------------

@@ -308,8 +308,9 @@ class Intake:
             callback=lambda left: self._soon(self._done, number, left),
             error_callback=lambda error: self._soon(self._failed, number, error),
             accept_callback=lambda pid, when: self._soon(self._accepted, number, pid, when),
-            timeout_callback=lambda soft_limit, limit: self._soon(
-                self._timed_out, number, soft_limit, limit),
+            # billiard calls it with keywords: soft=, timeout=.
+            timeout_callback=lambda soft, timeout: self._soon(
+                self._timed_out, number, soft, timeout),
             soft_timeout=soft, timeout=hard, correlation_id=requests[0].id,
         )
 
