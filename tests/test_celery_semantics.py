@@ -38,12 +38,15 @@ from sqlalchemy import create_engine, text
 from tests.conftest import (
     ROOT,
     TEST_ENV,
+    WORKER,
     WorkerProcess,
     start_worker,
     stop_worker,
+    wait_until_consuming,
 )
 from worker.broker import QueueKeys
 from worker.protocol import encode
+from worker.servers import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -772,3 +775,76 @@ def test_control_shutdown_stops_the_node_it_names_only(
             cluster.a.name: {"ok": "pong"}, cluster.b.name: {"ok": "pong"}}
     finally:
         stop_worker(node)
+
+
+@contextmanager
+def sentinel(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, int]]:
+    """A Redis master and one sentinel watching it as `mymaster`: (master, sentinel port)."""
+    from worker.servers import _redis_server_bin
+
+    with EmbeddedRedis(tmp_path / "master", appendonly=False) as master:
+        port = free_port()
+        config = tmp_path / "sentinel.conf"  # a sentinel rewrites its own configuration
+        config.write_text(f"port {port}\nbind 127.0.0.1\nprotected-mode no\n"
+                          f"dir {tmp_path}\nsentinel monitor mymaster 127.0.0.1 "
+                          f"{master.port} 1\n")
+        with (tmp_path / "sentinel.log").open("wb") as log:
+            process = subprocess.Popen([str(_redis_server_bin()), str(config), "--sentinel"],
+                                       stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = redis.Redis(port=port)
+            wait_for(lambda: _masters(client), message="the sentinel never answered")
+            yield master, port
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def _masters(client: redis.Redis) -> Any:
+    try:
+        return client.sentinel_masters()
+    except redis.ConnectionError:
+        return None
+
+
+def test_a_node_on_redis_sentinel_applies_commands_and_runs_their_errbacks(
+    database_url: str, tmp_path: Path
+) -> None:
+    with sentinel(tmp_path) as (master, port):
+        url = f"sentinel://127.0.0.1:{port}/0"
+        queue = "semantics-sentinel"
+        env = {**os.environ, **TEST_ENV, "DATABASE_URL": database_url, "BROKER_URL": url,
+               "BROKER_SENTINEL_MASTER": "mymaster", "COMMANDS_QUEUE": queue}
+        env.pop("RESULT_BACKEND", None)  # results go where the broker is: through sentinel
+        name = f"semantics-sentinel-{uuid.uuid4().hex[:6]}@%h"
+        log = tmp_path / "node.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen([sys.executable, *WORKER, "-n", name], cwd=ROOT, env=env,
+                                       stdout=output, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        node = WorkerProcess(process, log, name.replace("%h", os.uname().nodename))
+        try:
+            assert wait_until_consuming(node, master.url, queue), node.log_text()
+            producer = Celery("producer", broker=url, backend=url)
+            producer.conf.update(
+                task_serializer="json", accept_content=["json"], result_accept_content=["json"],
+                broker_transport_options={"master_name": "mymaster"},
+                result_backend_transport_options={"master_name": "mymaster"})
+            applied = producer.send_task("tags.create", queue=queue,
+                                         kwargs={"data": {"name": unique("sentinel")}})
+            assert applied.get(timeout=20)["outcome"] == "applied"
+            # An errback is sent by Celery's result backend (after it stores the failure),
+            # which must find the master through the sentinel too.
+            errback = producer.signature("tags.create", queue=queue, immutable=True,
+                                         kwargs={"data": {"name": unique("sentinel-errback")}})
+            errback.freeze()
+            rejected = producer.send_task("tags.create", queue=queue, link_error=errback,
+                                          kwargs={"data": {"name": ""}})
+            assert producer.AsyncResult(errback.id).get(timeout=20)["outcome"] == "applied"
+            assert rejected.state == "FAILURE"
+            replies = producer.control.inspect(destination=[node.name], timeout=2).ping()
+            assert replies == {node.name: {"ok": "pong"}}
+            producer.close()
+        finally:
+            stop_worker(node)
+        assert "Traceback" not in node.log_text()

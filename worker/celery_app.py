@@ -79,7 +79,13 @@ def configure(app: Celery, settings: Settings) -> None:
             **({"master_name": settings.broker_sentinel_master}
                if settings.broker_sentinel_master else {}),
         },
-        result_backend_transport_options={"retry_policy": {"timeout": 10.0}},
+        # A sentinel:// result backend (the default with a sentinel:// broker) finds its
+        # master by the same name as the broker.
+        result_backend_transport_options={
+            "retry_policy": {"timeout": 10.0},
+            **({"master_name": settings.broker_sentinel_master}
+               if settings.broker_sentinel_master else {}),
+        },
         redis_socket_timeout=10,
         redis_socket_connect_timeout=10,
         redis_socket_keepalive=True,
