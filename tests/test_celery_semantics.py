@@ -269,6 +269,9 @@ def cluster(database_url: str, servers: tuple[str, str],
         events.start()
         # A queue each node alone consumes, to reach one node in particular.
         for node, queue in ((a, "semantics-a"), (b, "semantics-b")):
+            # Either node may have applied the other's start-up probe: ask until it answers.
+            wait_for(lambda node=node: cluster.inspect(node, timeout=1).ping(), timeout=30,
+                     message=f"{node.name} does not answer ping")
             reply = cluster.control("add_consumer", node, queue=queue)
             assert "ok" in reply, reply
         # The longest waits start now, so that they overlap the other tests.
@@ -407,6 +410,37 @@ def test_revoke_with_terminate_stops_the_running_command_and_reports_it_revoked(
     outcome = cluster.outcome(task_id)
     assert outcome["status"] == "REVOKED"
     assert cluster.events.wait(task_id, "task-revoked")["hostname"] == cluster.a.name
+    assert cluster.tag(name).version == 1
+
+
+def test_revoke_by_stamped_headers_skips_waiting_commands_and_terminates_a_running_one(
+    cluster: Cluster
+) -> None:
+    campaign = unique("campaign")
+
+    def stamped(task: str, stamp: str, **options: Any) -> str:
+        return cluster.send(task, queue="semantics-a", stamped_headers=["campaign"],
+                            campaign=stamp, **options)
+
+    names = [unique("stamped") for _ in range(3)]
+    waiting = stamped("tags.create", campaign, countdown=1.5,
+                      kwargs={"data": {"name": names[0]}})
+    spared = stamped("tags.create", unique("other-campaign"), countdown=1.5,
+                     kwargs={"data": {"name": names[1]}})
+    tag_id, name = cluster.new_tag()
+    with cluster.tag_locked(tag_id):
+        running = stamped("tags.update", campaign, kwargs={"id": tag_id,
+                                                          "data": {"name": names[2]}})
+        cluster.wait_active(cluster.a, running)
+        reply = cluster.control("revoke_by_stamped_headers", cluster.a,
+                                headers={"campaign": campaign}, terminate=True)
+        assert reply["ok"].endswith(" revoked") and campaign in reply["ok"], reply
+        assert "not terminated" not in reply["ok"]
+    for task_id in (waiting, running):
+        assert cluster.outcome(task_id)["status"] == "REVOKED"
+        assert cluster.events.wait(task_id, "task-revoked")["hostname"] == cluster.a.name
+    assert cluster.outcome(spared)["status"] == "SUCCESS"
+    assert cluster.tag(names[0]) is None and cluster.tag(names[1]) is not None
     assert cluster.tag(name).version == 1
 
 

@@ -6,8 +6,9 @@ heartbeats, mingle, gossip, autoscale, Flower) with one consumer bootstep added,
 batch atomically into the queue's unacknowledged set (worker/broker.py), and decides per
 message, as Celery's consumer would:
 
-- revoked (`celery.worker.state.revoked`, fed by `revoke` broadcasts, mingle and --statedb)
-  or expired: not applied, reported REVOKED;
+- revoked (`celery.worker.state.revoked`, fed by `revoke` broadcasts, mingle and --statedb;
+  or `revoked_stamps`, fed by `revoke_by_stamped_headers`) or expired: not applied, reported
+  REVOKED;
 - an eta or countdown in the future, or over its task's rate limit: parked in the queue's
   delayed set until due (not held unacknowledged, so no visibility timeout redelivers it);
 - otherwise handed to the pool: a batch as one job (worker/batch.py), or alone when it was
@@ -26,6 +27,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from celery import bootsteps
 from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
@@ -92,11 +94,42 @@ class CommandRequest:
     def cancel(self, pool: Any, emit_retry: bool = True) -> None:
         """Nothing to cancel on a lost connection: pool processes acknowledge on their own."""
 
+    @property
+    def stamps(self) -> dict[str, Any]:
+        """The message's stamps: what `revoke_by_stamped_headers --terminate` matches."""
+        return message_stamps(self.message.raw)
+
     def humaninfo(self) -> str:
         return f"{self.name}[{self.id}]"
 
     def __str__(self) -> str:
         return self.humaninfo()
+
+
+def message_stamps(raw: bytes | None) -> dict[str, Any]:
+    """A message's stamps ({header: value} for each of its `stamped_headers`); {} if none."""
+    if raw is None:
+        return {}
+    try:
+        headers = orjson.loads(raw)["headers"]
+        names, stamps = headers.get("stamped_headers") or [], headers.get("stamps") or {}
+        return {name: stamps.get(name) for name in names if isinstance(name, str)}
+    except Exception:
+        return {}
+
+
+def revoked_by_stamp(stamps: dict[str, Any]) -> bool:
+    """Whether `revoke_by_stamped_headers` revoked a message with `stamps` (as Celery's
+    `Request.revoked` decides: one stamped value among the revoked ones is enough)."""
+    for header, value in stamps.items():
+        revoked = worker_state.revoked_stamps.get(header)
+        if revoked is None or value is None:
+            continue
+        wanted = revoked if isinstance(revoked, list | tuple | set) else [revoked]
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(item in wanted for item in values):
+            return True
+    return False
 
 
 class Dispatched:
@@ -238,6 +271,8 @@ class Intake:
         """(headers, verdict, due time when it is to be parked) of one taken message."""
         head = protocol.head(message.raw) if message.raw is not None else protocol.Head()
         if head.task_id is not None and head.task_id in revoked:
+            return head, batch.REVOKED, None
+        if worker_state.revoked_stamps and revoked_by_stamp(message_stamps(message.raw)):
             return head, batch.REVOKED, None
         if head.expires is not None and head.expires.timestamp() <= now:
             return head, batch.EXPIRED, None
