@@ -547,30 +547,33 @@ def test_inspect_and_celery_status_get_replies_from_both_nodes(cluster: Cluster)
 
 def test_inspect_active_and_reserved_show_each_command_in_flight(cluster: Cluster) -> None:
     tag_id, _ = cluster.new_tag()
+    messages = [encode("tags.update", {"id": tag_id, "data": {"name": unique("in")}},
+                       queue="semantics-a") for _ in range(300)]
+    task_ids = [json.loads(message)["headers"]["id"] for message in messages]
     with cluster.tag_locked(tag_id):
-        first, second = (cluster.send("tags.update", queue="semantics-a",
-                                      kwargs={"id": tag_id, "data": {"name": unique("in")}})
-                         for _ in range(2))
-        # Each waits for the lock in a pool process of its own.
-        cluster.wait_active(cluster.a, first)
-        cluster.wait_active(cluster.a, second)
-        third = cluster.send("tags.update", queue="semantics-a",
-                             kwargs={"id": tag_id, "data": {"name": unique("in")}})
+        # A queue this full keeps the node busy: besides a batch in each pool process, it
+        # takes one more batch per process ahead (reserved), as Celery prefetches.
+        cluster.redis.lpush("semantics-a", *messages)
 
-        def in_flight() -> tuple[set[str], set[str]] | None:
+        def in_flight() -> tuple[list[Any], list[Any]] | None:
             inspect = cluster.inspect(cluster.a)
-            active = {r["id"] for r in (inspect.active() or {}).get(cluster.a.name, [])}
-            reserved = {r["id"] for r in (inspect.reserved() or {}).get(cluster.a.name, [])}
-            return (active, reserved) if third in reserved else None
+            active = (inspect.active() or {}).get(cluster.a.name, [])
+            reserved = (inspect.reserved() or {}).get(cluster.a.name, [])
+            return (active, reserved) if len(active) == len(reserved) == 100 else None
 
-        active, reserved = wait_for(in_flight, message="the third is never reserved")
-        assert active == {first, second} and reserved == {third}
-        (entry,) = [r for r in cluster.inspect(cluster.a).active()[cluster.a.name]
-                    if r["id"] == first]
-        assert entry["name"] == "tags.update" and entry["worker_pid"] > 0
+        active, reserved = wait_for(in_flight, message="not 100 active and 100 reserved")
+        active_ids, reserved_ids = {r["id"] for r in active}, {r["id"] for r in reserved}
+        assert active_ids | reserved_ids <= set(task_ids) and not active_ids & reserved_ids
+        assert {r["worker_pid"] for r in active} == set(
+            cluster.inspect(cluster.a).stats()[cluster.a.name]["pool"]["processes"])
+        assert all(r["worker_pid"] is None for r in reserved)
+        entry = active[0]
+        assert entry["name"] == "tags.update" and str(tag_id) in entry["kwargs"]
         assert entry["delivery_info"]["routing_key"] == "semantics-a"
-    assert all(cluster.outcome(task_id)["status"] == "SUCCESS"
-               for task_id in (first, second, third))
+    metas = wait_for(lambda: (lambda found: found if all(found) else None)(
+        cluster.redis.mget([f"celery-task-meta-{task_id}" for task_id in task_ids])),
+        timeout=60, message="not every command has an outcome")
+    assert {json.loads(meta)["status"] for meta in metas} == {"SUCCESS"}
 
 
 def test_rate_limit_spaces_commands_out_and_is_lifted(cluster: Cluster) -> None:

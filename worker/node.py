@@ -169,7 +169,8 @@ class Intake:
         self.keys: dict[str, QueueKeys] = {}
         self.in_flight: dict[int, Dispatched] = {}
         self.accepting = False
-        self._busy = False
+        #: Queues whose last take was full (a node consumes several after add_consumer).
+        self._busy: set[str] = set()
         self._next_job = 0
         self._promote_timer: Any = None
         self._main_thread = threading.get_ident()
@@ -200,7 +201,7 @@ class Intake:
     def limit(self) -> int:
         """Jobs in flight at most.
 
-        While the queue holds more than a batch (the last take was full), the prefetch count
+        While a queue holds more than a batch (its last take was full), the prefetch count
         (processes x worker_prefetch_multiplier): a batch waits ready for each process, which
         never idles between batches. Otherwise one job per process: a message that arrives
         meanwhile waits in Redis and joins the next, larger batch, taken as a process frees,
@@ -227,7 +228,11 @@ class Intake:
         # is spread over the idle processes instead of queued behind one.
         free = max(1, self.limit() - len(self.in_flight))
         taken = self.scripts.take(keys, self.batch_size, free, self.max_bytes)
-        self._busy = len(taken) >= self.batch_size
+        # Per queue: an empty look at another queue does not make this one less busy.
+        if len(taken) >= self.batch_size:
+            self._busy.add(queue)
+        else:
+            self._busy.discard(queue)
         if taken:
             self.receive(keys, taken)
         return bool(taken)
