@@ -692,6 +692,26 @@ def test_a_command_over_its_soft_time_limit_fails_as_time_limit_exceeded_with_a_
     assert "Pool callback raised exception" not in log
 
 
+def test_disable_events_and_enable_events_are_obeyed(cluster: Cluster) -> None:
+    def applied_silently() -> bool:
+        task_id = cluster.send("tags.create", queue="semantics-a",
+                               kwargs={"data": {"name": unique("quiet")}})
+        assert cluster.outcome(task_id)["status"] == "SUCCESS"
+        time.sleep(0.5)  # events, were there any, come with the outcome
+        return cluster.events.of(task_id) == []
+
+    try:
+        assert cluster.control("disable_events", cluster.a) == {"ok": "task events disabled"}
+        assert applied_silently()
+        assert cluster.control("disable_events", cluster.a) == {
+            "ok": "task events already disabled"}
+    finally:
+        enabled = cluster.control("enable_events", cluster.a)
+    assert enabled == {"ok": "task events enabled"}
+    assert not applied_silently()
+    assert cluster.control("enable_events", cluster.a) == {"ok": "task events already enabled"}
+
+
 # --- priorities, purge ----------------------------------------------------------------------
 
 def test_priority_messages_are_all_consumed_and_none_is_left_in_redis(cluster: Cluster) -> None:

@@ -315,16 +315,26 @@ class BatchRunner:
                 self.results_client = backend.client
             self.finish_on_results = self.results_client.register_script(
                 self.scripts.finish_script.script)
+        #: The events of the job in hand: None while the node sends no task events.
         self.task_events: TaskEvents | None = None
+        self._events: TaskEvents | None = None
         if events:
-            dispatcher = app.events.Dispatcher(connection=self.connection, hostname=node,
-                                               groups=["task"])
-            self.task_events = TaskEvents(dispatcher)
+            self.events_for(node)
+
+    def events_for(self, node: str) -> TaskEvents:
+        """This process's task events (made at the first job that sends them)."""
+        if self._events is None:
+            dispatcher = self.app.events.Dispatcher(connection=self.connection, hostname=node,
+                                                    groups=["task"])
+            self._events = TaskEvents(dispatcher)
+        return self._events
 
     # --- the job ---------------------------------------------------------------------------
 
     def run(self, job: Job) -> tuple[str, ...]:
         """Apply, report and acknowledge the job's messages; the tags left unsettled."""
+        # Each job says whether the node sends task events now (enable/disable_events).
+        self.task_events = self.events_for(job.node) if job.events else None
         limit = self.settings.max_payload_bytes
         deliveries: list[Delivery] = []
         left: list[Taken] = []

@@ -557,7 +557,7 @@ class BatchIntake(bootsteps.StartStopStep):
 
 def _install_control_commands() -> None:
     """Replies that Celery's own handlers would get wrong for this node."""
-    from celery.worker.control import inspect_command
+    from celery.worker.control import control_command, inspect_command, nok, ok
 
     @inspect_command(alias="dump_schedule")
     def scheduled(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
@@ -565,7 +565,23 @@ def _install_control_commands() -> None:
         intake: Intake | None = getattr(state.consumer, "command_intake", None)
         return intake.scheduled() if intake is not None else []
 
-    del scheduled
+    @control_command()
+    def disable_events(state: Any) -> dict[str, str]:
+        """Tell worker(s) to stop sending task-related events."""
+        dispatcher = state.consumer.event_dispatcher
+        if dispatcher is None:
+            return dict(nok("event dispatcher unavailable"))
+        # No groups means every group (`-E`), where Celery's own handler finds no "task" to
+        # take away, answers "already disabled" and goes on sending them.
+        if not dispatcher.groups:
+            dispatcher.groups.update({"task", "worker"})
+        if "task" in dispatcher.groups:
+            dispatcher.groups.discard("task")
+            logger.info("Events of group {task} disabled by remote.")
+            return dict(ok("task events disabled"))
+        return dict(ok("task events already disabled"))
+
+    del scheduled, disable_events
 
 
 _install_control_commands()
