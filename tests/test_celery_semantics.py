@@ -712,6 +712,25 @@ def test_disable_events_and_enable_events_are_obeyed(cluster: Cluster) -> None:
     assert cluster.control("enable_events", cluster.a) == {"ok": "task events already enabled"}
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a hard time limit kills the pool process and the node puts the command back (counted), "
+    "as for any lost process: it runs again, alone, until it finishes or MAX_DELIVERIES ends "
+    "it as retries_exhausted; stock Celery fails it at once as TimeLimitExceeded. Settling "
+    "it at once needs a claim of its key first (the killed transaction may have committed)"))
+def test_a_command_over_its_hard_time_limit_fails_at_once_as_time_limit_exceeded(
+    cluster: Cluster
+) -> None:
+    tag_id, name = cluster.new_tag()
+    with cluster.tag_locked(tag_id):  # node B waits for a lock up to 10 s: no soft limit helps
+        task_id = cluster.send("tags.update", queue="semantics-b", time_limit=1,
+                               kwargs={"id": tag_id, "data": {"name": unique("killed")}})
+        time.sleep(3)
+    outcome = cluster.outcome(task_id)
+    assert (outcome["status"], outcome["result"].get("exc_type")) == (
+        "FAILURE", "TimeLimitExceeded")
+    assert cluster.tag(name).version == 1
+
+
 # --- priorities, purge ----------------------------------------------------------------------
 
 def test_priority_messages_are_all_consumed_and_none_is_left_in_redis(cluster: Cluster) -> None:
