@@ -413,6 +413,13 @@ def test_revoke_with_terminate_stops_the_running_command_and_reports_it_revoked(
     assert cluster.tag(name).version == 1
 
 
+def test_the_node_loads_the_database_driver_before_its_pool_forks(cluster: Cluster) -> None:
+    # A pool process that imported psycopg2 at its first transaction swallowed a SIGTERM
+    # (revoke --terminate) that came meanwhile, in the driver's C module initialisation.
+    maps = Path(f"/proc/{cluster.a.process.pid}/maps").read_text()
+    assert "psycopg2/_psycopg" in maps
+
+
 def test_revoke_by_stamped_headers_skips_waiting_commands_and_terminates_a_running_one(
     cluster: Cluster
 ) -> None:

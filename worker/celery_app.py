@@ -6,6 +6,7 @@ without a worker) and makes kombu's Redis URLs use worker/transport.py's transpo
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from typing import Any
@@ -109,6 +110,14 @@ def _refuse_without_broker(**_: Any) -> None:
     reason = app.conf.get("worker_unconfigured_reason")
     if reason:
         raise SystemExit(f"error: {reason}; set BROKER_URL and DATABASE_URL")
+
+
+@signals.worker_init.connect
+def _import_the_driver_before_fork(**_: Any) -> None:
+    # Pool processes would import psycopg2 at their first transaction, and a signal that
+    # arrives meanwhile (SIGTERM of `revoke --terminate`) is swallowed by its C module's
+    # initialisation: the process runs on and commits. Imported here, they inherit it.
+    importlib.import_module("psycopg2")
 
 
 @signals.worker_process_init.connect
