@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.broker import QueueKeys, Scripts, finish_arguments
+from worker.broker import QueueKeys, Scripts, finish_arguments, stored
 from worker.protocol import encode
 
 
@@ -24,17 +23,13 @@ def client(broker_url: str) -> redis.Redis:
 def keys(client: redis.Redis) -> Iterator[QueueKeys]:
     queue = QueueKeys(f"scripts-{uuid.uuid4().hex[:8]}")
     yield queue
-    client.delete(*queue.lists, queue.unacked, queue.unacked_index, queue.deliveries,
-                  queue.tags, queue.delayed, queue.delayed_items)
+    client.delete(*queue.lists, queue.unacked, queue.unacked_index, queue.tags,
+                  queue.delayed, queue.delayed_items)
 
 
 @pytest.fixture
 def scripts(client: redis.Redis) -> Scripts:
     return Scripts(client)
-
-
-def sha1(raw: bytes) -> str:
-    return hashlib.sha1(raw).hexdigest()  # noqa: S324 - the digest Redis's scripts use
 
 
 def test_take_moves_any_bytes_into_the_unacknowledged_set_with_a_tag_of_its_own(
@@ -46,10 +41,10 @@ def test_take_moves_any_bytes_into_the_unacknowledged_set_with_a_tag_of_its_own(
     assert [message.raw for message in taken] == items  # oldest first
     assert len({message.tag for message in taken}) == 4
     assert client.llen(keys.queue) == 0
-    assert {client.hget(keys.unacked, message.tag) for message in taken} == set(items)
+    assert {client.hget(keys.unacked, message.tag) for message in taken} == {
+        stored(item, 1) for item in items}  # kept with the count of this delivery
     assert client.zcard(keys.unacked_index) == 4
-    assert all(message.deliveries == 1 and message.digest == sha1(message.raw or b"")
-               for message in taken)
+    assert all(message.deliveries == 1 for message in taken)
 
 
 def test_take_takes_a_fair_share_and_priority_lists_after_the_base_list(
@@ -72,7 +67,7 @@ def test_an_item_over_the_limit_comes_back_as_its_size_and_tail(
     (message,) = scripts.take(keys, most=10, sharing=1, max_bytes=10_000)
     assert message.raw is None and message.size == len(raw)
     assert message.tail.endswith(b'"big-1"}}') and len(message.tail) == 16_384
-    assert client.hget(keys.unacked, message.tag) == raw  # still recoverable in Redis
+    assert client.hget(keys.unacked, message.tag) == stored(raw, 1)  # still in Redis
 
 
 def test_finish_stores_results_acknowledges_and_never_overwrites_a_success(
@@ -92,7 +87,6 @@ def test_finish_stores_results_acknowledges_and_never_overwrites_a_success(
     assert json.loads(client.get(revoked) or b"")["status"] == "SUCCESS"
     assert client.ttl(revoked) > 0
     assert client.hlen(keys.unacked) == 0 and client.zcard(keys.unacked_index) == 0
-    assert client.hlen(keys.deliveries) == 0
     client.delete(done, revoked)
 
 
@@ -109,6 +103,16 @@ def test_requeue_puts_messages_back_next_in_line_counted_or_not(
     assert {message.raw: message.deliveries for message in again} == {b"a": 2, b"b": 1}
 
 
+def test_every_copy_counts_its_own_deliveries_and_a_forged_count_is_just_bytes(
+    client: redis.Redis, keys: QueueKeys, scripts: Scripts
+) -> None:
+    client.lpush(keys.queue, b"same", b"same", b"same", stored(b"old", 4),
+                 b"\x00cw:not a count:x")
+    taken = scripts.take(keys, most=10, sharing=1, max_bytes=1 << 20)
+    assert [(message.raw, message.deliveries) for message in taken] == [
+        (b"same", 1), (b"same", 1), (b"same", 1), (b"old", 5), (b"\x00cw:not a count:x", 1)]
+
+
 def test_restore_puts_back_only_what_no_live_node_renewed(
     client: redis.Redis, keys: QueueKeys, scripts: Scripts
 ) -> None:
@@ -118,7 +122,7 @@ def test_restore_puts_back_only_what_no_live_node_renewed(
     client.zadd(keys.unacked_index, {held.tag: time.time() - 10, abandoned.tag: time.time() - 10})
     scripts.touch(keys, [held])
     assert scripts.restore(keys, visibility_timeout=5) == 1
-    assert client.lrange(keys.queue, 0, -1) == [b"abandoned"]
+    assert client.lrange(keys.queue, 0, -1) == [stored(b"abandoned", 1)]  # counted
     assert client.hexists(keys.unacked, held.tag)
 
 
@@ -129,12 +133,15 @@ def test_a_parked_message_leaves_the_unacknowledged_set_until_it_is_due(
 
     client.lpush(keys.queue, b"later", b"soon")
     later, soon = scripts.take(keys, most=10, sharing=1, max_bytes=1 << 20)
-    scripts.delay(keys, [Parked(later.tag, later.digest, time.time() + 60, f"n|{later.tag}"),
-                         Parked(soon.tag, soon.digest, time.time() - 1, f"n|{soon.tag}")])
-    assert client.hlen(keys.unacked) == 0 and client.hlen(keys.deliveries) == 0
+    scripts.delay(keys, [Parked(later.tag, time.time() + 60, f"n|{later.tag}"),
+                         Parked(soon.tag, time.time() - 1, f"n|{soon.tag}")])
+    assert client.hlen(keys.unacked) == 0
     moved, following = scripts.promote(keys)
     assert moved == 1 and following is not None and following > time.time() + 50
-    assert client.lrange(keys.queue, 0, -1) == [b"soon"]
+    # Back with its count (not this delivery: it ended cleanly) and its announcement.
+    assert client.lrange(keys.queue, 0, -1) == [stored(b"soon", 0, announced=True)]
+    (again,) = scripts.take(keys, most=10, sharing=1, max_bytes=1 << 20)
+    assert (again.raw, again.deliveries, again.announced) == (b"soon", 1, True)
     assert [raw for _, raw in scripts.parked(keys, "n")] == [b"later"]
     assert scripts.parked(keys, "another node") == []
 

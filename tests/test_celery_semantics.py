@@ -840,10 +840,6 @@ def test_a_transient_fault_sends_task_retried_then_task_succeeded(cluster: Clust
     assert cluster.tag(new_name).version == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a batch's task-received and task-started events are published with its outcomes, in "
-    "the one Redis round trip after its transaction (worker/batch.py): a monitor sees a "
-    "command start only once it has ended; stock Celery sends task-started when it starts"))
 def test_task_started_is_sent_while_the_command_runs(cluster: Cluster) -> None:
     tag_id, _ = cluster.new_tag()
     with cluster.tag_locked(tag_id):
@@ -856,9 +852,6 @@ def test_task_started_is_sent_while_the_command_runs(cluster: Cluster) -> None:
     assert started, "no task-started while the command ran"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the node sends task-received when it parks a delayed command (as stock Celery does "
-    "on receipt) and the batch sends it again when the command is applied"))
 def test_a_delayed_command_has_one_task_received_event(cluster: Cluster) -> None:
     task_id = cluster.send("tags.create", kwargs={"data": {"name": unique("once")}},
                            countdown=1)

@@ -455,7 +455,7 @@ def test_a_command_that_kills_its_process_takes_no_batch_mate_with_it(
         assert "<batch of 100 from 'commands'>" in lost[0], lost
         assert all("<batch of 1 from 'commands'>" in line for line in lost[1:]), lost
         broker = redis.Redis.from_url(stack.broker_url)
-        for key in ("commands.deliveries", "commands.delayed", "commands.delayed.items"):
+        for key in ("commands.unacked", "commands.delayed", "commands.delayed.items"):
             assert not broker.exists(key), key
         # The node that lost five processes goes on.
         after = tags("after-killer", 10)

@@ -52,7 +52,7 @@ from tests.conftest import (
     start_worker,
     stop_worker,
 )
-from worker.broker import PRIORITY_SEPARATOR, QueueKeys
+from worker.broker import PRIORITY_SEPARATOR, QueueKeys, stored
 from worker.protocol import encode
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -68,10 +68,6 @@ INVALID, UNDECODABLE, UNKNOWN = "invalid", "undecodable", "unknown_command"
 CONFLICT, NOT_FOUND, EXHAUSTED = "conflict", "not_found", "retries_exhausted"
 #: "the result follows from the outcome and the task id" (see Corpus.add)
 AUTO = "auto"
-IDENTICAL_COPIES = (
-    "deliveries are counted per digest of the raw bytes (worker/lua/take.lua): identical copies "
-    "taken while another is held count as redeliveries, and those past MAX_DELIVERIES become "
-    "retries_exhausted dead letters although their key was applied (a duplicate)")
 #: "password" in fullwidth letters (NFKC folds them to plain ones).
 FULLWIDTH_PASSWORD = "\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44"
 LOG_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d [^]]*: [A-Z]+/", re.MULTILINE)
@@ -235,7 +231,7 @@ def build_corpus() -> Corpus:
     # is the first 100 items): each copy is another delivery of the same item to the node.
     tok = c.token()
     c.add(f"identical raw bytes {MAX_DELIVERIES + 2} times in one take", APPLIED,
-          [dump(envelope(tok))] * (MAX_DELIVERIES + 2), tok, known=IDENTICAL_COPIES)
+          [dump(envelope(tok))] * (MAX_DELIVERIES + 2), tok)
 
     # 1. One message stopped the old consumers.
     for name, body in [("body ''", ""), ("body 'hello'", "hello"), ("body '[1]'", "[1]"),
@@ -893,11 +889,8 @@ def publish(client: redis.Redis, corpus: Corpus) -> None:
     """The whole corpus in one MULTI: the node sees it all at its first take."""
     pipe = client.pipeline(transaction=True)
     for case in corpus.cases:
-        if case.preset:
-            for raw in case.raws:
-                pipe.hset(KEYS.deliveries, hashlib.sha1(raw).hexdigest(),  # noqa: S324
-                          case.preset)
-        pipe.lpush(QUEUE + case.target, *case.raws)
+        raws = [stored(raw, case.preset) for raw in case.raws] if case.preset else case.raws
+        pipe.lpush(QUEUE + case.target, *raws)
     pipe.execute()
 
 
@@ -905,7 +898,6 @@ def leftovers(client: redis.Redis) -> dict[str, int]:
     counts = {name: client.llen(name) for name in KEYS.lists}
     counts[KEYS.unacked] = client.hlen(KEYS.unacked)
     counts[KEYS.unacked_index] = client.zcard(KEYS.unacked_index)
-    counts[KEYS.deliveries] = client.hlen(KEYS.deliveries)
     counts[KEYS.delayed] = client.zcard(KEYS.delayed)
     counts[KEYS.delayed_items] = client.hlen(KEYS.delayed_items)
     return counts
@@ -1144,13 +1136,6 @@ def test_every_message_ends_in_exactly_its_one_outcome(run: Run) -> None:
     shown = "\n".join(problem[:300] for problem in problems[:200])
     assert not run.stalled, f"{run.stalled}; {len(problems)} problems:\n{shown}"
     assert not problems, f"{len(problems)} problems:\n{shown}"
-
-
-@pytest.mark.xfail(strict=True, reason=IDENTICAL_COPIES)
-def test_identical_copies_beyond_max_deliveries_are_duplicates(run: Run) -> None:
-    assert [case.name for case in run.corpus.cases if case.known == IDENTICAL_COPIES]
-    problems = outcome_problems(run, known=IDENTICAL_COPIES)
-    assert not problems, "\n".join(problems)
 
 
 def test_a_callback_with_options_of_the_wrong_type_is_refused_before_applying(

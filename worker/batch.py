@@ -376,7 +376,7 @@ class BatchRunner:
                 except Exception:
                     logger.exception("command %s could not be validated", delivery.message.tag)
             delivery.runtime = time.time() - delivery.started_at
-            if events is not None and command.task_id:
+            if events is not None and command.task_id and not delivery.message.announced:
                 headers = delivery.headers
                 events.add("task-received", command.task_id,
                            timestamp=delivery.received.received_at,
@@ -388,8 +388,12 @@ class BatchRunner:
                            retries=_retries(headers.get("retries")),
                            eta=_shown_header(headers.get("eta")),
                            expires=_shown_header(headers.get("expires")))
+            if events is not None and command.task_id:
                 events.add("task-started", command.task_id, timestamp=delivery.started_at,
                            pid=os.getpid())
+        if events is not None:
+            # Sent now, as a worker sends them: a monitor sees the commands running.
+            self._publish(events.take())
         began = time.time()
         done, left = self._apply(applying)
         spent = time.time() - began
@@ -530,6 +534,18 @@ class BatchRunner:
         keys, args = finish_arguments(job.keys, [], self.settings.result_expires, messages,
                                       publishes)
         self._call(self.scripts.finish_script, keys, args)
+
+    def _publish(self, publishes: list[tuple[str, bytes]]) -> None:
+        """Send task events on their own (best effort: a monitor misses them, nothing else)."""
+        if not publishes:
+            return
+        try:
+            pipe = self.broker.pipeline(transaction=False)
+            for channel, payload in publishes:
+                pipe.publish(channel, payload)
+            pipe.execute()
+        except Exception:
+            logger.warning("could not send task events", exc_info=True)
 
     def _store_elsewhere(self, deliveries: Sequence[Delivery]) -> None:
         """Results for a backend that is not Redis: through Celery's backend, one by one."""

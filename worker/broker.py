@@ -4,10 +4,11 @@ A queue Q is the Redis list Q (plus `Q\\x06\\x16<p>` for each of kombu's priorit
 above 0, where stock Celery producers put priority messages). A message is never outside
 Redis between the list and its acknowledgment:
 
-- TAKE pops a fair share of the waiting messages into Q.unacked (raw bytes, under a tag the
-  script issues) and Q.unacked_index (when taken), counting each delivery in Q.deliveries
-  under the message's digest. Nothing is parsed in Redis, so any item can be taken and
-  acknowledged, and Lua and Python can never disagree on what an item is.
+- TAKE pops a fair share of the waiting messages into Q.unacked (under a tag the script
+  issues) and Q.unacked_index (their lease). Nothing is parsed in Redis, so any item can be
+  taken and acknowledged, and Lua and Python can never disagree on what an item is. A
+  message that goes back to the queue (requeued, restored, promoted) carries its delivery
+  count in front of its bytes (`stored`), so every delivery is counted, per copy.
 - FINISH stores results, removes the tags and publishes task events in one step.
 - REQUEUE puts messages back at once (their pool process died, or the node is stopping);
   RESTORE puts back those whose lease is older than the visibility timeout (their node
@@ -21,6 +22,7 @@ The scripts live in worker/lua/, one file each.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,26 @@ PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 #: Bytes of an over-size message's tail returned by TAKE: kombu writes `headers` last.
 TAIL_BYTES = 16_384
+
+
+#: What goes in front of a message that comes back to the queue: "\0cw:<count>[r]:".
+_COUNT = re.compile(rb"\A\x00cw:(\d{1,9})(r?):")
+
+
+def stored(raw: bytes, deliveries: int, announced: bool = False) -> bytes:
+    """A message as it goes back to a queue after `deliveries` deliveries (see TAKE).
+
+    `announced`: its task-received event was sent when it was parked.
+    """
+    return b"\x00cw:%d%s:" % (deliveries, b"r" if announced else b"") + raw
+
+
+def unstored(item: bytes) -> tuple[int, bool, bytes]:
+    """(deliveries so far, announced, the message's own bytes) of a queue item."""
+    found = _COUNT.match(item)
+    if found is None:
+        return 0, False, item
+    return int(found.group(1)), found.group(2) == b"r", item[found.end():]
 
 
 @cache
@@ -63,10 +85,6 @@ class QueueKeys:
         return f"{self.queue}.unacked_index"
 
     @property
-    def deliveries(self) -> str:
-        return f"{self.queue}.deliveries"
-
-    @property
     def tags(self) -> str:
         return f"{self.queue}.tags"
 
@@ -80,19 +98,20 @@ class QueueKeys:
 
 
 class Taken(NamedTuple):
-    """One message as TAKE returned it: its tag, delivery count, digest and bytes.
+    """One message as TAKE returned it: its tag, delivery count and bytes.
 
     `raw` is None for a message over the size limit; then `size` and `tail` describe it.
+    `announced`: its task-received event went out when it was parked.
     (A named tuple: pool jobs carry many, and tuples pickle fastest.)
     """
 
     queue: str
     tag: str
     deliveries: int
-    digest: str
     raw: bytes | None
     size: int
     tail: bytes = b""
+    announced: bool = False
 
     def __repr__(self) -> str:
         # Never the bytes: a message holds passwords, and pools log their jobs' arguments.
@@ -104,7 +123,6 @@ class Parked:
     """A message to park until `due` (a Unix time), as `member` of the delayed set."""
 
     tag: str
-    digest: str
     due: float
     member: str
 
@@ -146,28 +164,26 @@ class Scripts:
         """Up to `most` messages (a 1/`sharing` share of those waiting), now unacknowledged."""
         lists = keys.lists
         reply = self._take(
-            keys=[*lists, keys.unacked, keys.unacked_index, keys.deliveries, keys.tags],
+            keys=[*lists, keys.unacked, keys.unacked_index, keys.tags],
             args=[time.time(), max_bytes, most, max(1, sharing), len(lists), TAIL_BYTES])
         taken = []
         for entry in reply:
-            tag, count, digest = _text(entry[0]), int(entry[1]), _text(entry[2])
+            tag, count, announced = _text(entry[0]), int(entry[1]), entry[2] == b"r"
             if len(entry) == 4:
                 raw = bytes(entry[3])
-                taken.append(Taken(keys.queue, tag, count, digest, raw, len(raw)))
+                taken.append(Taken(keys.queue, tag, count, raw, len(raw), b"", announced))
             else:
-                taken.append(Taken(keys.queue, tag, count, digest, None, int(entry[3]),
-                                   bytes(entry[4])))
+                taken.append(Taken(keys.queue, tag, count, None, int(entry[3]),
+                                   bytes(entry[4]), announced))
         return taken
 
     def requeue(self, keys: QueueKeys, messages: Iterable[Taken], counted: bool = True) -> int:
         """Put `messages` back on their queue now (`counted`: the delivery did not end well)."""
-        args: list[Any] = ["0" if counted else "1"]
-        for message in messages:
-            args += [message.tag, message.digest]
+        args: list[Any] = ["0" if counted else "1", *(message.tag for message in messages)]
         if len(args) == 1:
             return 0
-        return int(self._requeue(
-            keys=[keys.lists[0], keys.unacked, keys.unacked_index, keys.deliveries], args=args))
+        return int(self._requeue(keys=[keys.lists[0], keys.unacked, keys.unacked_index],
+                                 args=args))
 
     def touch(self, keys: QueueKeys, messages: Iterable[Taken]) -> int:
         """Renew the lease of `messages` (still being worked on by a live node)."""
@@ -193,12 +209,12 @@ class Scripts:
         """Park messages in the delayed set until their due times."""
         args: list[Any] = []
         for item in parked:
-            args += [item.tag, item.digest, item.due, item.member]
+            args += [item.tag, item.due, item.member]
         if not args:
             return 0
         return int(self._delay(
-            keys=[keys.unacked, keys.unacked_index, keys.deliveries, keys.delayed,
-                  keys.delayed_items], args=args))
+            keys=[keys.unacked, keys.unacked_index, keys.delayed, keys.delayed_items],
+            args=args))
 
     def promote(self, keys: QueueKeys, most: int = 1000) -> tuple[int, float | None]:
         """Move parked messages that are due back to the queue: (how many, next due time)."""
@@ -215,7 +231,7 @@ class Scripts:
         if not mine:
             return []
         raws = self.client.hmget(keys.delayed_items, [member for member, _ in mine])
-        return [(due, bytes(raw)) for (_, due), raw in zip(mine, raws, strict=True)
+        return [(due, unstored(bytes(raw))[2]) for (_, due), raw in zip(mine, raws, strict=True)
                 if raw is not None]
 
 
@@ -224,11 +240,9 @@ def finish_arguments(keys: QueueKeys, results: Sequence[tuple[str, str | bytes]]
                      publishes: Sequence[tuple[str, bytes | str]]
                      ) -> tuple[list[str], list[Any]]:
     """FINISH's keys and arguments: store `results`, acknowledge `settled`, send `publishes`."""
-    script_keys = [key for key, _ in results] + [keys.unacked, keys.unacked_index,
-                                                 keys.deliveries]
+    script_keys = [key for key, _ in results] + [keys.unacked, keys.unacked_index]
     args: list[Any] = [expires, len(results), *(value for _, value in results), len(settled),
-                       *(message.tag for message in settled),
-                       *(message.digest for message in settled)]
+                       *(message.tag for message in settled)]
     for channel, payload in publishes:
         args += [channel, payload]
     return script_keys, args

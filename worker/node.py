@@ -255,7 +255,7 @@ class Intake:
                                  message.tag)
                 head, verdict, due = protocol.Head(), batch.APPLY, None
             if due is not None:
-                parked.append((Parked(message.tag, message.digest, due,
+                parked.append((Parked(message.tag, due,
                                       parked_member(self.c.hostname, message.tag)),
                                head, message))
                 continue
@@ -310,7 +310,7 @@ class Intake:
         dispatcher = self.c.event_dispatcher
         if dispatcher is not None and dispatcher.enabled:
             for _, head, message in parked:
-                if head.task_id is None:
+                if head.task_id is None or message.announced:
                     continue
                 fields: dict[str, Any] = {"name": head.task, "eta": head.eta.isoformat()
                                           if head.eta else None,
@@ -509,7 +509,7 @@ class Intake:
         found = []
         for queue in self.consumed_queues():
             for due, raw in self.scripts.parked(self.queue_keys(queue), self.c.hostname):
-                message = Taken(queue, "", 1, "", raw, len(raw))
+                message = Taken(queue, "", 1, raw, len(raw))
                 request = CommandRequest(message, protocol.head(raw), self.c.hostname,
                                          self.tasks)
                 found.append({"eta": datetime.fromtimestamp(due, UTC).isoformat(),

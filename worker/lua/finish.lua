@@ -1,7 +1,7 @@
 -- Settle a batch in one step: store its results, acknowledge its messages, publish its events.
--- KEYS: the n result keys, then the queue's unacked hash, unacked index and deliveries hash.
--- ARGV: result expiry (s), n, the n results, m, the m tags, the m digests, then
---       (channel, message) pairs to publish (task events).
+-- KEYS: the n result keys, then the queue's unacked hash and unacked index.
+-- ARGV: result expiry (s), n, the n results, m, the m tags, then (channel, message) pairs to
+--       publish (task events).
 -- A stored SUCCESS is never overwritten (as Celery's Redis backend); anything else is. Each
 -- stored result is published on its key's channel, where Celery's clients wait for it.
 local n = tonumber(ARGV[2])
@@ -22,12 +22,10 @@ local base = 3 + n
 local m = tonumber(ARGV[base])
 if m > 0 then
   local tags = {unpack(ARGV, base + 1, base + m)}
-  local digests = {unpack(ARGV, base + m + 1, base + 2 * m)}
   redis.call('ZREM', KEYS[n + 2], unpack(tags))
   redis.call('HDEL', KEYS[n + 1], unpack(tags))
-  redis.call('HDEL', KEYS[n + 3], unpack(digests))
 end
-for i = base + 2 * m + 1, #ARGV, 2 do
+for i = base + m + 1, #ARGV, 2 do
   redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
 end
 return n

@@ -1,18 +1,23 @@
 -- Put taken messages back at the consuming end of their queue, at once.
--- KEYS: the queue's first list, unacked hash, unacked index, deliveries hash.
--- ARGV: 1 when the delivery ended cleanly (it is not counted) else 0, then (tag, digest) pairs.
--- A tag no longer unacknowledged (settled meanwhile) is skipped.
+-- KEYS: the queue's first list, unacked hash, unacked index.
+-- ARGV: 1 when the delivery ended cleanly (it is not counted) else 0, then tags.
+-- A message goes back with its delivery count in front of it (see take.lua); a tag no
+-- longer unacknowledged (settled meanwhile) is skipped.
 local moved = 0
-for i = #ARGV - 1, 2, -2 do
-  local tag, digest = ARGV[i], ARGV[i + 1]
+for i = #ARGV, 2, -1 do
+  local tag = ARGV[i]
   local item = redis.call('HGET', KEYS[2], tag)
   if item then
+    if ARGV[1] == '1' then
+      local digits, marks, rest = string.match(item, '^%zcw:(%d+)(r?):()')
+      if digits then
+        local count = tonumber(digits) - 1
+        item = '\0cw:' .. count .. marks .. ':' .. string.sub(item, rest)
+      end
+    end
     redis.call('RPUSH', KEYS[1], item)
     redis.call('HDEL', KEYS[2], tag)
     redis.call('ZREM', KEYS[3], tag)
-    if ARGV[1] == '1' and redis.call('HINCRBY', KEYS[4], digest, -1) <= 0 then
-      redis.call('HDEL', KEYS[4], digest)
-    end
     moved = moved + 1
   end
 end

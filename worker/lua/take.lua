@@ -1,14 +1,17 @@
 -- Take up to a fair share of a queue's waiting messages into its unacknowledged set.
 -- KEYS: the queue's lists in the order they are consumed (k of them), then its unacked hash,
---       unacked index (tag -> lease: when taken or last touched), deliveries hash and tag
---       counter.
--- ARGV: now, largest item returned whole (bytes), most to take, processes sharing the queue,
---       k, bytes of an over-size item's tail to return.
--- Nothing is parsed here: every item, whatever its bytes, gets a tag of this script's own, so
--- it can always be acknowledged, and a delivery count under its digest. An item over the size
--- limit is not returned whole: its size and tail are (the tail is where kombu puts headers).
+--       unacked index (tag -> lease: when taken or last touched) and tag counter.
+-- ARGV: now, largest item returned whole (bytes), most to take, free slots sharing the
+--       queue, k, bytes of an over-size item's tail to return.
+-- Nothing is parsed here: every item, whatever its bytes, gets a tag of this script's own,
+-- so it can always be acknowledged. A message that comes back (requeued, restored,
+-- promoted) carries its delivery count in front of it, "\0cw:<count>[r]:" ("r": its
+-- task-received was announced when it was parked), which this script reads, adds one to,
+-- and keeps with it while it is unacknowledged; producers' messages have none (count 0).
+-- An item over the size limit is not returned whole: its size and tail are (the tail is
+-- where kombu writes the headers).
 local k = tonumber(ARGV[5])
-local unacked, index, deliveries, counter = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+local unacked, index, counter = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
 local waiting = 0
 for i = 1, k do
   waiting = waiting + redis.call('LLEN', KEYS[i])
@@ -23,22 +26,22 @@ for i = 1, k do
     if not item then
       break
     end
-    local size = string.len(item)
-    local tag = tostring(redis.call('INCR', counter))
-    local digest
-    if size <= limit then
-      digest = redis.sha1hex(item)
-    else
-      -- Hashing a huge item would hold Redis up: its size, head and tail identify it.
-      digest = redis.sha1hex(size .. ':' .. string.sub(item, 1, 65536) .. string.sub(item, -65536))
+    local count, flags, raw = 0, '', item
+    if string.sub(item, 1, 4) == '\0cw:' then
+      local digits, marks, rest = string.match(item, '^(%d+)(r?):()', 5)
+      if digits and string.len(digits) <= 9 then
+        count, flags, raw = tonumber(digits), marks, string.sub(item, rest)
+      end
     end
-    redis.call('HSET', unacked, tag, item)
+    count = count + 1
+    local tag = tostring(redis.call('INCR', counter))
+    redis.call('HSET', unacked, tag, '\0cw:' .. count .. flags .. ':' .. raw)
     redis.call('ZADD', index, ARGV[1], tag)
-    local count = redis.call('HINCRBY', deliveries, digest, 1)
+    local size = string.len(raw)
     if size <= limit then
-      table.insert(taken, {tag, count, digest, item})
+      table.insert(taken, {tag, count, flags, raw})
     else
-      table.insert(taken, {tag, count, digest, size, string.sub(item, -tail)})
+      table.insert(taken, {tag, count, flags, size, string.sub(raw, -tail)})
     end
   end
   if #taken >= want then
