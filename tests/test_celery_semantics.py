@@ -719,11 +719,6 @@ def test_disable_events_and_enable_events_are_obeyed(cluster: Cluster) -> None:
     assert cluster.control("enable_events", cluster.a) == {"ok": "task events already enabled"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a hard time limit kills the pool process and the node puts the command back (counted), "
-    "as for any lost process: it runs again, alone, until it finishes or MAX_DELIVERIES ends "
-    "it as retries_exhausted; stock Celery fails it at once as TimeLimitExceeded. Settling "
-    "it at once needs a claim of its key first (the killed transaction may have committed)"))
 def test_a_command_over_its_hard_time_limit_fails_at_once_as_time_limit_exceeded(
     cluster: Cluster
 ) -> None:

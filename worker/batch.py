@@ -35,7 +35,7 @@ from celery import signals
 from celery.utils.time import utcoffset
 from sqlalchemy import exc as sa_exc
 
-from worker import apply, deadletters, protocol
+from worker import apply, db, deadletters, protocol
 from worker.broker import QueueKeys, Scripts, Taken, finish_arguments
 from worker.config import get_settings
 from worker.errors import (
@@ -74,6 +74,8 @@ class Job:
     node: str
     items: tuple[Received, ...]
     events: bool = True
+    #: Seconds the job's one command may take (its soft time limit), if it has one.
+    time_limit: float | None = None
 
     def __repr__(self) -> str:
         # Pools log their jobs' arguments at DEBUG: never a message's content.
@@ -155,6 +157,14 @@ def _header_problem(message: protocol.Message) -> CommandRejected | None:
 
 # --- applying -------------------------------------------------------------------------------
 
+class TimedOut(Exception):
+    """PostgreSQL stopped a command's transaction at its time limit (see db.time_limit)."""
+
+
+#: What PostgreSQL answers when a statement or a lock wait outlasts its timeout.
+_TIMEOUTS = frozenset({"57014", "55P03"})
+
+
 def apply_commands(commands: list[apply.Command],
                    on_retry: Any = None) -> None:
     """Apply commands as one transaction, retrying transient faults in place.
@@ -170,6 +180,9 @@ def apply_commands(commands: list[apply.Command],
             apply.run_batch(commands)
             return
         except sa_exc.SQLAlchemyError as error:
+            if db.time_limit_in_force() and getattr(
+                    getattr(error, "orig", None), "pgcode", None) in _TIMEOUTS:
+                raise TimedOut from error
             if not apply.is_transient(error):
                 raise
             attempt += 1
@@ -317,6 +330,8 @@ class BatchRunner:
                 self.scripts.finish_script.script)
         #: The events of the job in hand: None while the node sends no task events.
         self.task_events: TaskEvents | None = None
+        #: When the job's command must have ended (its time limit), on the monotonic clock.
+        self.deadline: float | None = None
         self._events: TaskEvents | None = None
         if events:
             self.events_for(node)
@@ -335,6 +350,8 @@ class BatchRunner:
         """Apply, report and acknowledge the job's messages; the tags left unsettled."""
         # Each job says whether the node sends task events now (enable/disable_events).
         self.task_events = self.events_for(job.node) if job.events else None
+        self.deadline = (time.monotonic() + job.time_limit if job.time_limit is not None
+                         else None)
         limit = self.settings.max_payload_bytes
         deliveries: list[Delivery] = []
         left: list[Taken] = []
@@ -420,9 +437,13 @@ class BatchRunner:
                                          exception=repr(type(error).__name__), traceback=None)
 
         try:
-            apply_commands([d.command for d in deliveries], on_retry=retried)
+            if self.deadline is None:
+                apply_commands([d.command for d in deliveries], on_retry=retried)
+            else:
+                with db.time_limit(max(0.001, self.deadline - time.monotonic())):
+                    apply_commands([d.command for d in deliveries], on_retry=retried)
             return deliveries, []
-        except SoftTimeLimitExceeded:
+        except (SoftTimeLimitExceeded, TimedOut):
             if len(deliveries) > 1:
                 # The worker's time limit, on a whole batch: back on the queue, where each
                 # comes again alone (counted) and only the slow one meets the limit.

@@ -13,6 +13,7 @@ its own BEGIN, the pool one on a ping per checkout, and the ledger's insert one 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import os
@@ -46,6 +47,30 @@ _inherited: list[Connection] = []
 STATE = "command_transaction"
 PREPARED = "command_transaction_prepared"
 PREPARE_ON = "command_transaction_prepare"
+
+
+# A command's time limit, in force for the transactions begun meanwhile (`time_limit`).
+_time_limit_ms: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "command_time_limit_ms", default=None)
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Transactions begun meanwhile end with an error once they have waited `seconds`.
+
+    PostgreSQL's own statement and lock timeouts, set for the transaction: a command blocked
+    in the database (on a lock, say) is stopped there, which no signal to the process can do.
+    """
+    token = _time_limit_ms.set(max(1, int(seconds * 1000)))
+    try:
+        yield
+    finally:
+        _time_limit_ms.reset(token)
+
+
+def time_limit_in_force() -> bool:
+    """Whether the current transactions run under a command's time limit."""
+    return _time_limit_ms.get() is not None
 
 
 class _Pending:
@@ -326,6 +351,10 @@ def transaction() -> Iterator[Session]:
     """One session in one transaction: committed on success, rolled back on any error."""
     connection = _command_connection()
     pending = _Pending()
+    limit = _time_limit_ms.get()
+    if limit is not None:
+        pending.deferred.append(f"SET LOCAL statement_timeout = {limit}; "
+                                f"SET LOCAL lock_timeout = {limit}")
     connection.info[STATE] = pending
     connection.info[PREPARE_ON] = get_settings().db_prepared_statements
     try:

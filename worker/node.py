@@ -331,7 +331,9 @@ class Intake:
         dispatcher = self.c.event_dispatcher
         events = bool(dispatcher is not None and dispatcher.enabled
                       and "task" in (dispatcher.groups or {"task"}))
-        job = batch.Job(keys, self.c.hostname, tuple(item for item, _ in items), events)
+        hard, soft = limits
+        job = batch.Job(keys, self.c.hostname, tuple(item for item, _ in items), events,
+                        soft or hard)
         requests = []
         for item, head in items:
             request = CommandRequest(item.message, head, self.c.hostname, self.tasks)
@@ -342,7 +344,6 @@ class Intake:
         dispatched = self.in_flight[number] = Dispatched(job, requests)
         for request in requests:
             request.job = number
-        hard, soft = limits
         dispatched.result = self.c.pool.apply_async(
             batch.run_job, args=(job,),
             callback=lambda left: self._soon(self._done, number, left),
