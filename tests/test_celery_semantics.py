@@ -693,10 +693,9 @@ def test_a_command_over_its_soft_time_limit_fails_as_time_limit_exceeded_with_a_
     ((reason, error),) = dead_letters(cluster.database, task_id)
     assert reason == "retries_exhausted" and "time limit" in error
     assert cluster.tag(name).version == 1
-    # The node heard the pool's timeout callback (billiard calls it with soft=, timeout=).
-    log = cluster.a.log_text()
-    assert "exceeded its soft time limit of 1 s" in log
-    assert "Pool callback raised exception" not in log
+    # The command met its limit in the database; the pool's own soft limit (a backstop a
+    # moment later) had nothing left to stop, and its callback raised nothing.
+    assert "Pool callback raised exception" not in cluster.a.log_text()
 
 
 def test_disable_events_and_enable_events_are_obeyed(cluster: Cluster) -> None:

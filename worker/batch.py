@@ -204,7 +204,9 @@ def _exhaust(commands: list[apply.Command], detail: str,
     while pending:
         try:
             for command in list(pending):
-                apply.record_exhausted(command, detail, rejection)
+                # Recorded whatever time the command had: its limit was for applying it.
+                with db.no_time_limit():
+                    apply.record_exhausted(command, detail, rejection)
                 pending.remove(command)
         except sa_exc.SQLAlchemyError:
             # Not recorded yet: the messages stay unacknowledged until it is.

@@ -61,7 +61,19 @@ def time_limit(seconds: float) -> Iterator[None]:
     PostgreSQL's own statement and lock timeouts, set for the transaction: a command blocked
     in the database (on a lock, say) is stopped there, which no signal to the process can do.
     """
-    token = _time_limit_ms.set(max(1, int(seconds * 1000)))
+    # PostgreSQL takes at most INT_MAX milliseconds (24.8 days): beyond, no limit is set.
+    milliseconds = int(max(seconds, 0.001) * 1000)
+    token = _time_limit_ms.set(milliseconds if milliseconds <= 2**31 - 1 else None)
+    try:
+        yield
+    finally:
+        _time_limit_ms.reset(token)
+
+
+@contextmanager
+def no_time_limit() -> Iterator[None]:
+    """Transactions begun meanwhile run without a command's time limit (dead letters)."""
+    token = _time_limit_ms.set(None)
     try:
         yield
     finally:

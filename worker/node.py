@@ -41,6 +41,18 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between looks at the delayed sets for messages other nodes parked.
 PROMOTE_INTERVAL = 1.0
+#: Seconds the pool's soft time limit waits after a command's own (see `_dispatch`).
+SOFT_LIMIT_GRACE = 0.5
+
+
+def _backstop(soft: float | None, hard: float | None) -> float | None:
+    """The pool's soft limit for a command whose own limit is `soft`: a moment later, and
+    before the hard limit."""
+    if not soft:
+        return None
+    grace = SOFT_LIMIT_GRACE if not hard or hard <= soft else min(SOFT_LIMIT_GRACE,
+                                                                   (hard - soft) / 2)
+    return soft + grace
 
 
 class CommandRequest:
@@ -352,7 +364,10 @@ class Intake:
             # billiard calls it with keywords: soft=, timeout=.
             timeout_callback=lambda soft, timeout: self._soon(
                 self._timed_out, number, soft, timeout),
-            soft_timeout=soft, timeout=hard, correlation_id=requests[0].id,
+            # The pool's soft limit is a backstop a moment after the one the command meets in
+            # the database (batch.py): a signal landing while that one is being handled would
+            # interrupt the handling.
+            soft_timeout=_backstop(soft, hard), timeout=hard, correlation_id=requests[0].id,
         )
 
     def _soon(self, callback: Any, *args: Any) -> None:
