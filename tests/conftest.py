@@ -157,7 +157,8 @@ WORKER = ["-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "IN
 
 
 def start_worker(database: str, broker: str, log: Path, *extra: str,
-                 env: dict[str, str] | None = None, name: str | None = None) -> WorkerProcess:
+                 env: dict[str, str] | None = None, name: str | None = None,
+                 flags: list[str] | None = None) -> WorkerProcess:
     """Start a worker node (`celery worker`) and wait until it applies a command."""
     environment = {**os.environ, **TEST_ENV, "DATABASE_URL": database, "BROKER_URL": broker,
                    **(env or {})}
@@ -165,7 +166,7 @@ def start_worker(database: str, broker: str, log: Path, *extra: str,
     handle = log.open("wb")
     name = name or f"test-{uuid.uuid4().hex[:8]}@%h"
     process = subprocess.Popen(
-        [sys.executable, *WORKER, "-n", name, *extra],
+        [sys.executable, *(flags or WORKER), "-n", name, *extra],
         cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT,
         start_new_session=True,
     )

@@ -35,7 +35,7 @@ from celery.worker import state as worker_state
 from worker import batch, protocol
 from worker.broker import Parked, QueueKeys, Scripts, Taken, parked_member
 from worker.config import get_settings
-from worker.security import safe_repr
+from worker.security import printable, safe_repr
 
 logger = logging.getLogger(__name__)
 
@@ -411,9 +411,11 @@ class Intake:
         dispatched = self.in_flight.pop(number, None)
         if dispatched is None:
             return
+        cause = getattr(error, "exception", error)
+        cause = getattr(cause, "exc", cause)  # billiard wraps it (ExceptionWithTraceback)
         logger.error("a pool process was lost while applying %r (%s); its messages go back on "
                      "the queue, each to be applied alone", dispatched.job,
-                     getattr(error, "exception", error).__class__.__name__)
+                     type(cause).__name__)
         for request in dispatched.requests:
             worker_state.task_ready(request)
         self._requeue(dispatched.job, [item.message for item in dispatched.job.items])
@@ -549,6 +551,7 @@ class BatchIntake(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         c.command_intake.attach(c.task_consumer.channel)
+        _guard_gossip(c)
 
     def register_with_event_loop(self, c: Any, hub: Any) -> None:
         intake: Intake = c.command_intake
@@ -569,6 +572,32 @@ class BatchIntake(bootsteps.StartStopStep):
     def info(self, c: Any) -> dict[str, Any]:
         return {"batch_size": c.command_intake.batch_size,
                 "jobs_in_flight": len(c.command_intake.in_flight)}
+
+
+def _guard_gossip(c: Any) -> None:
+    """Keep a worker event that gossip cannot handle from stopping the node.
+
+    Celery's gossip step handles every `worker.*` event any client publishes, and one it
+    cannot (an election request with a field missing or of the wrong type, an event without
+    a hostname) raises out of the event loop: "Unrecoverable error", on every node at once.
+    """
+    gossip = getattr(c, "gossip", None)
+    for consumer in getattr(gossip, "consumers", None) or ():
+        handler = consumer.on_message
+        if handler is None or getattr(handler, "guarded", False):
+            continue
+
+        def guarded(message: Any, handler: Any = handler) -> Any:
+            try:
+                return handler(message)
+            except Exception:
+                logger.warning("a worker event could not be handled and was dropped: %s",
+                               printable(getattr(message, "delivery_info", {}).get(
+                                   "routing_key")), exc_info=True)
+                return None
+
+        guarded.guarded = True  # type: ignore[attr-defined]
+        consumer.on_message = guarded
 
 
 def _install_control_commands() -> None:
