@@ -235,34 +235,48 @@ def _claim(session: Session, commands: Sequence[Command]) -> None:
             command.result = {**entry.result, "outcome": "duplicate"}
 
 
-Footprint = frozenset[tuple[str, object]]
+Key = tuple[str, object]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a command writes and what it only reads, as keys.
+
+    Two commands give the same outcomes in either order unless one writes a key the other
+    reads or writes. Commands that only read a key commute: posts naming the same tag (a
+    missing one is created by whichever comes first, the same tag either way, and results
+    name tags, not their ids), a post and an update of its author's name.
+    """
+
+    writes: frozenset[Key]
+    reads: frozenset[Key] = frozenset()
 
 
 def footprint(command: Command) -> Footprint | None:
-    """What a command reads or writes, as keys; None for one whose reach is open-ended.
-
-    Two commands with disjoint footprints give the same outcomes in either order.
-    """
+    """What a command reads or writes; None for one whose reach is open-ended."""
     item = command.item
     data = item.data if isinstance(item, writes.Change) else item
     kind = command.task
     if kind == "users.create":
-        return frozenset({("username", data.username), ("email", data.email.lower())})
+        return Footprint(frozenset({("username", data.username), ("email", data.email.lower())}))
     if kind == "users.update":
-        keys: set[tuple[str, object]] = {("user", item.id)}
+        keys: set[Key] = {("user", item.id)}
         if data.username is not None:
             keys.add(("username", data.username))
         if data.email is not None:
             keys.add(("email", data.email.lower()))
-        return frozenset(keys)
+        return Footprint(frozenset(keys))
     if kind == "posts.create":
-        return frozenset({("user", data.author_id), *(("tag", name) for name in data.tags)})
+        # The author is only checked to exist: only users.delete (open-ended) changes that.
+        return Footprint(frozenset(), frozenset({("author", data.author_id),
+                                                 *(("tag", name) for name in data.tags)}))
     if kind == "posts.update":
-        return frozenset({("post", item.id), *(("tag", name) for name in data.tags or ())})
+        return Footprint(frozenset({("post", item.id)}),
+                         frozenset(("tag", name) for name in data.tags or ()))
     if kind == "posts.delete":
-        return frozenset({("post", item.id)})
+        return Footprint(frozenset({("post", item.id)}))
     if kind == "tags.create":
-        return frozenset({("tag", data.name)})
+        return Footprint(frozenset({("tag", data.name)}))
     # users.delete reaches the user's posts, tags.update/delete every post with the tag.
     return None
 
@@ -270,13 +284,14 @@ def footprint(command: Command) -> Footprint | None:
 def _runs(commands: Sequence[Command]) -> list[list[Command]]:
     """The commands grouped into runs of one kind, each applied in one set-based write.
 
-    A command joins an earlier run of its kind when nothing it would overtake shares its
-    footprint (so every outcome is the one of applying the commands in queue order) and
+    A command joins an earlier run of its kind when nothing it would overtake conflicts with
+    its footprint (so every outcome is the one of applying the commands in queue order) and
     the run has no command on the same target yet; otherwise it starts a new run.
     """
     runs: list[list[Command]] = []
     targets: list[set[int]] = []
-    reach: list[set[tuple[str, object]] | None] = []
+    # Per run, the keys its commands write and read; None once one has an open-ended reach.
+    reach: list[tuple[set[Key], set[Key]] | None] = []
     for command in commands:
         mine = footprint(command)
         joined = None
@@ -285,26 +300,32 @@ def _runs(commands: Sequence[Command]) -> list[list[Command]]:
             if runs and runs[-1][0].task == command.task and command.target not in targets[-1]:
                 joined = len(runs) - 1
         else:
-            overtaken: set[tuple[str, object]] = set()
+            written: set[Key] = set()
+            read: set[Key] = set()
             for index in range(len(runs) - 1, -1, -1):
                 if (runs[index][0].task == command.task and command.target not in targets[index]
-                        and not mine & overtaken):
+                        and not mine.writes & (written | read) and not mine.reads & written):
                     joined = index
                     break
                 theirs = reach[index]
                 if theirs is None:
                     break
-                overtaken |= theirs
+                written |= theirs[0]
+                read |= theirs[1]
         if joined is None:
             runs.append([])
             targets.append(set())
-            reach.append(set())
+            reach.append((set(), set()))
             joined = len(runs) - 1
         runs[joined].append(command)
         if command.target is not None:
             targets[joined].add(command.target)
         current = reach[joined]
-        reach[joined] = None if mine is None or current is None else current | mine
+        if mine is None or current is None:
+            reach[joined] = None
+        else:
+            current[0].update(mine.writes)
+            current[1].update(mine.reads)
     return runs
 
 
