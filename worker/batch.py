@@ -143,8 +143,9 @@ def receive(received: Received, limit: int) -> Delivery:
 
 def _header_problem(message: protocol.Message) -> CommandRejected | None:
     """What makes a decodable message invalid before its arguments are even looked at."""
-    if protocol.depth(message.args) > protocol.MAX_DEPTH or \
-            protocol.depth(message.kwargs) > protocol.MAX_DEPTH:
+    if message.nesting_bound > protocol.MAX_DEPTH and (
+            protocol.depth(message.args) > protocol.MAX_DEPTH
+            or protocol.depth(message.kwargs) > protocol.MAX_DEPTH):
         return Invalid(f"arguments nested deeper than {protocol.MAX_DEPTH} levels")
     for name in ("eta", "expires"):
         try:
@@ -219,6 +220,15 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def result_repr(result: Any, limit: int = 1024) -> str:
+    """A result as its task-succeeded event shows it (as Celery's `saferepr`, cut to `limit`).
+
+    No redaction: a result is the record as stored, which never holds a password or hash.
+    """
+    shown = repr(result)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
+
+
 def failure_traceback(error: BaseException) -> str:
     """The traceback Celery stores with a failure (the exception line when never raised)."""
     if error.__traceback__ is not None:
@@ -232,11 +242,12 @@ def _exception_meta(error: BaseException) -> dict[str, Any]:
             "exc_module": type(error).__module__}
 
 
-def result_meta(delivery: Delivery) -> dict[str, Any]:
-    """The result-backend record Celery would store for `delivery`'s outcome."""
+def result_meta(delivery: Delivery, done: str | None = None) -> dict[str, Any]:
+    """The result-backend record Celery would store for `delivery`'s outcome (`done`: when,
+    in ISO 8601; now by default)."""
     command = delivery.command
     meta: dict[str, Any] = {"task_id": command.task_id, "traceback": None, "children": [],
-                            "date_done": _now_iso()}
+                            "date_done": done or _now_iso()}
     if delivery.revoked:
         from celery.exceptions import TaskRevokedError
 
@@ -271,11 +282,14 @@ class TaskEvents:
             raise ValueError("kombu no longer base64-encodes event bodies on Redis")
         self.pid = os.getpid()
         self.pending: list[dict[str, Any]] = []
+        self.offset: int | None = None
 
     def add(self, kind: str, task_id: str, timestamp: float | None = None,
             **fields: Any) -> None:
         """One task event, as the dispatcher's `send(kind, uuid=task_id, **fields)` makes it."""
-        self.pending.append({"hostname": self.dispatcher.hostname, "utcoffset": utcoffset(),
+        if self.offset is None:
+            self.offset = utcoffset()  # once per batch: it changes only with the clocks
+        self.pending.append({"hostname": self.dispatcher.hostname, "utcoffset": self.offset,
                              "pid": self.pid, "clock": self.dispatcher.clock.forward(),
                              "uuid": task_id, **fields,
                              "timestamp": timestamp if timestamp is not None else time.time(),
@@ -523,6 +537,7 @@ class BatchRunner:
         """Store outcomes, publish events and acknowledge, in one round trip when possible."""
         events = self.task_events
         results: list[tuple[str, bytes]] = []
+        done = _now_iso()
         for delivery in settled:
             command = delivery.command
             if events is not None and command.task_id:
@@ -535,10 +550,10 @@ class BatchRunner:
                                traceback=failure_traceback(command.rejection))
                 else:
                     events.add("task-succeeded", command.task_id,
-                               result=safe_repr(command.result), runtime=delivery.runtime)
+                               result=result_repr(command.result), runtime=delivery.runtime)
             if command.task_id and not delivery.traced and not delivery.ignore_result:
                 results.append((RESULT_KEY.format(command.task_id),
-                                orjson.dumps(result_meta(delivery), default=str)))
+                                orjson.dumps(result_meta(delivery, done), default=str)))
         publishes = events.take() if events is not None else []
         messages = [delivery.message for delivery in settled]
         if self.results_client is None:

@@ -115,6 +115,9 @@ class Message:
     properties: dict[str, Any]
     #: The body's third element: callbacks, errbacks, chain and chord (canvas).
     embed: dict[str, Any] = field(default_factory=dict)
+    #: At most how deeply the body nests (its count of opening brackets, strings included):
+    #: most bodies are known to be shallow without walking them.
+    nesting_bound: int = 0
 
 
 def _decompress(body: bytes, method: str, limit: int) -> bytes:
@@ -196,7 +199,7 @@ def decode(raw: bytes, limit: int = 1 << 20) -> Message:
         raise UndecodableMessage("the body's third element must be an object")
     return Message(task_id=text_id(headers.get("id")), task=task,
                    args=args, kwargs=kwargs, headers=headers, properties=properties,
-                   embed=embed or {})
+                   embed=embed or {}, nesting_bound=data.count(b"[") + data.count(b"{"))
 
 
 def text_id(value: Any) -> str | None:
