@@ -348,6 +348,8 @@ class BatchRunner:
         self.task_events: TaskEvents | None = None
         #: When the job's command must have ended (its time limit), on the monotonic clock.
         self.deadline: float | None = None
+        #: Events sent ahead whose replies are still to be read: (connection, how many).
+        self._sending: tuple[Any, int] | None = None
         self._events: TaskEvents | None = None
         if events:
             self.events_for(node)
@@ -379,17 +381,20 @@ class BatchRunner:
                                  item.message.tag)
                 left.append(item.message)
         start = 0
-        # Commands that hash a password are slow: no more than HASHES_PER_TRANSACTION of
-        # them per transaction, each group answered and acknowledged when it commits.
-        while start < len(deliveries):
-            end, hashes = start, 0
-            while end < len(deliveries) and (
-                    hashes < HASHES_PER_TRANSACTION
-                    or not apply.needs_hash(deliveries[end].command)):
-                hashes += apply.needs_hash(deliveries[end].command)
-                end += 1
-            left += self._settle(job, deliveries[start:end])
-            start = end
+        try:
+            # Commands that hash a password are slow: no more than HASHES_PER_TRANSACTION of
+            # them per transaction, each group answered and acknowledged when it commits.
+            while start < len(deliveries):
+                end, hashes = start, 0
+                while end < len(deliveries) and (
+                        hashes < HASHES_PER_TRANSACTION
+                        or not apply.needs_hash(deliveries[end].command)):
+                    hashes += apply.needs_hash(deliveries[end].command)
+                    end += 1
+                left += self._settle(job, deliveries[start:end])
+                start = end
+        finally:
+            self._published()
         return tuple(message.tag for message in left)
 
     def _settle(self, job: Job, deliveries: Sequence[Delivery]) -> list[Taken]:
@@ -535,6 +540,7 @@ class BatchRunner:
 
     def _report(self, job: Job, settled: Sequence[Delivery]) -> None:
         """Store outcomes, publish events and acknowledge, in one round trip when possible."""
+        self._published()  # the early events, before the outcomes
         events = self.task_events
         results: list[tuple[str, bytes]] = []
         done = _now_iso()
@@ -574,16 +580,38 @@ class BatchRunner:
         self._call(self.scripts.finish_script, keys, args)
 
     def _publish(self, publishes: list[tuple[str, bytes]]) -> None:
-        """Send task events on their own (best effort: a monitor misses them, nothing else)."""
+        """Send task events on their own, without waiting: their replies are read later
+        (`_published`), so the transaction runs meanwhile. Best effort: a monitor misses
+        them, nothing else."""
         if not publishes:
             return
+        self._published()
+        connection = None
         try:
-            pipe = self.broker.pipeline(transaction=False)
+            connection = self.broker.connection_pool.get_connection()
             for channel, payload in publishes:
-                pipe.publish(channel, payload)
-            pipe.execute()
+                connection.send_command("PUBLISH", channel, payload)
+            self._sending = (connection, len(publishes))
         except Exception:
             logger.warning("could not send task events", exc_info=True)
+            if connection is not None:
+                connection.disconnect()
+                self.broker.connection_pool.release(connection)
+
+    def _published(self) -> None:
+        """Read the replies of the events `_publish` sent, and give their connection back."""
+        if self._sending is None:
+            return
+        connection, count = self._sending
+        self._sending = None
+        try:
+            for _ in range(count):
+                connection.read_response()
+        except Exception:
+            logger.warning("could not send task events", exc_info=True)
+            connection.disconnect()
+        finally:
+            self.broker.connection_pool.release(connection)
 
     def _store_elsewhere(self, deliveries: Sequence[Delivery]) -> None:
         """Results for a backend that is not Redis: through Celery's backend, one by one."""

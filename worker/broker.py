@@ -162,10 +162,28 @@ class Scripts:
 
     def take(self, keys: QueueKeys, most: int, sharing: int, max_bytes: int) -> list[Taken]:
         """Up to `most` messages (a 1/`sharing` share of those waiting), now unacknowledged."""
+        script_keys, args = self.take_arguments(keys, most, sharing, max_bytes)
+        return self.taken(keys, self.run_take(script_keys, args))
+
+    def take_arguments(self, keys: QueueKeys, most: int, sharing: int,
+                       max_bytes: int) -> tuple[list[str], list[Any]]:
+        """TAKE's keys and arguments (to send it on a connection of one's own: `take_sha`)."""
         lists = keys.lists
-        reply = self._take(
-            keys=[*lists, keys.unacked, keys.unacked_index, keys.tags],
-            args=[time.time(), max_bytes, most, max(1, sharing), len(lists), TAIL_BYTES])
+        return ([*lists, keys.unacked, keys.unacked_index, keys.tags],
+                [time.time(), max_bytes, most, max(1, sharing), len(lists), TAIL_BYTES])
+
+    def run_take(self, script_keys: list[str], args: list[Any]) -> Any:
+        """TAKE's raw reply (the script loaded again if Redis lost it)."""
+        return self._take(keys=script_keys, args=args)
+
+    @property
+    def take_sha(self) -> str:
+        """TAKE's SHA-1, for EVALSHA (a Redis that lost it answers NOSCRIPT: call `take`)."""
+        return str(self._take.sha)
+
+    @staticmethod
+    def taken(keys: QueueKeys, reply: Any) -> list[Taken]:
+        """The messages in TAKE's reply."""
         taken = []
         for entry in reply:
             tag, count, announced = _text(entry[0]), int(entry[1]), entry[2] == b"r"

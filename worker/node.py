@@ -183,6 +183,8 @@ class Intake:
         self.accepting = False
         #: Queues whose last take was full (a node consumes several after add_consumer).
         self._busy: set[str] = set()
+        #: Queues whose last take found messages: the next take goes at once, without a wait.
+        self._nonempty: set[str] = set()
         self._next_job = 0
         self._promote_timer: Any = None
         self._main_thread = threading.get_ident()
@@ -233,20 +235,44 @@ class Intake:
 
     def take(self, queue: str) -> bool:
         """Take a batch from `queue` and hand it on; whether anything was taken."""
-        if self.scripts is None or not self.has_capacity():
+        request = self.take_request(queue)
+        if request is None or self.scripts is None:
             return False
-        keys = self.queue_keys(queue)
+        script_keys, args = request
+        return self.taken(queue, self.scripts.run_take(script_keys, args))
+
+    def take_request(self, queue: str) -> tuple[list[str], list[Any]] | None:
+        """TAKE's keys and arguments for `queue` now, or None when the pool has no room."""
+        if self.scripts is None or not self.has_capacity():
+            return None
         # A fair share for each free slot: a short queue of slow commands (password hashes)
         # is spread over the idle processes instead of queued behind one.
         free = max(1, self.limit() - len(self.in_flight))
-        taken = self.scripts.take(keys, self.batch_size, free, self.max_bytes)
+        return self.scripts.take_arguments(self.queue_keys(queue), self.batch_size, free,
+                                           self.max_bytes)
+
+    def expects_more(self, queue: str) -> bool:
+        """Whether the last look at `queue` found messages (so take at once, not wait first)."""
+        return queue in self._nonempty
+
+    @property
+    def take_sha(self) -> str | None:
+        return self.scripts.take_sha if self.scripts is not None else None
+
+    def taken(self, queue: str, reply: Any) -> bool:
+        """Hand on what a TAKE of `queue` returned (its raw reply); whether it was anything."""
+        assert self.scripts is not None
+        taken = self.scripts.taken(self.queue_keys(queue), reply)
         # Per queue: an empty look at another queue does not make this one less busy.
         if len(taken) >= self.batch_size:
             self._busy.add(queue)
         else:
             self._busy.discard(queue)
         if taken:
-            self.receive(keys, taken)
+            self._nonempty.add(queue)
+            self.receive(self.queue_keys(queue), taken)
+        else:
+            self._nonempty.discard(queue)
         return bool(taken)
 
     def receive(self, keys: QueueKeys, taken: list[Taken]) -> None:

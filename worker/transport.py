@@ -42,6 +42,19 @@ class Intake(Protocol):
     def take(self, queue: str) -> bool:
         """Take a batch from `queue` and hand it on; whether anything was taken."""
 
+    def expects_more(self, queue: str) -> bool:
+        """Whether the last look at `queue` found messages."""
+
+    def take_request(self, queue: str) -> tuple[list[str], list[Any]] | None:
+        """TAKE's keys and arguments for `queue` now (None: no room)."""
+
+    @property
+    def take_sha(self) -> str | None:
+        """TAKE's SHA-1 (None before the intake has its scripts)."""
+
+    def taken(self, queue: str, reply: Any) -> bool:
+        """Hand on TAKE's raw reply for `queue`; whether it held anything."""
+
 
 class QoS(kombu_redis.QoS):
     """Consumption credit is the intake's (batches in flight), not kombu's per-message count.
@@ -106,6 +119,7 @@ class BatchChannel(kombu_redis.Channel):
     #: While set (`collecting_publishes`), publishes in `Producer.batch()` are kept here.
     collector: CollectedPublishes | None = None
     _polled_queue: str | None = None
+    _polled_take = False
     _quiet_until = 0.0
     _last_error_logged = 0.0
 
@@ -125,33 +139,51 @@ class BatchChannel(kombu_redis.Channel):
         if not queues:
             return
         queue = str(queues[0])
-        wait = WAIT_SECONDS if timeout is None else min(timeout, WAIT_SECONDS)
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         self._polled_queue = queue
+        request = self.intake.take_request(queue) if self.intake.expects_more(queue) else None
+        sha = self.intake.take_sha
+        if request is not None and sha is not None:
+            # Messages were waiting at the last look: take at once, in this round trip.
+            script_keys, args = request
+            self._polled_take = True
+            self.client.connection.send_command("EVALSHA", sha, len(script_keys),
+                                                *script_keys, *args)
+            return
+        self._polled_take = False
+        wait = WAIT_SECONDS if timeout is None else min(timeout, WAIT_SECONDS)
         self.client.connection.send_command("BLMOVE", queue, queue, "RIGHT", "RIGHT", wait)
 
     def _brpop_read(self, **options: Any) -> bool:
         queue, self._polled_queue = self._polled_queue, None
         if queue is None or self.intake is None:
             return bool(super()._brpop_read(**options))
+        command = "EVALSHA" if self._polled_take else "BLMOVE"
+        reply: Any = None
         try:
             try:
-                # Whether the wait ended with a message or timed out, the intake looks at
-                # every list of the queue: a timeout is when priority sub-lists get a look.
-                self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                # After BLMOVE, whether the wait ended with a message or timed out, the intake
+                # looks at every list of the queue: a timeout is when priority sub-lists get a
+                # look.
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
             except self.ResponseError as error:
-                self._back_off(queue, error)
-                raise Empty() from None
+                if command == "EVALSHA" and "NOSCRIPT" in str(error):
+                    reply = None  # a restarted Redis: the synchronous take loads the script
+                    command = "BLMOVE"
+                else:
+                    self._back_off(queue, error)
+                    raise Empty() from None
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
         self._queue_cycle.rotate(queue)
         try:
-            taken = self.intake.take(queue)
+            taken = (self.intake.taken(queue, reply) if command == "EVALSHA"
+                     else self.intake.take(queue))
         except self.ResponseError as error:
             self._back_off(queue, error)
             raise Empty() from None
