@@ -132,6 +132,17 @@ def _new_pool_after_fork(**_: Any) -> None:
     gc.freeze()
 
 
+@signals.worker_ready.connect
+def _freeze_the_node(**_: Any) -> None:
+    import gc
+
+    # The node's main process takes every batch: what exists once it is up (Celery's worker,
+    # its blueprints, kombu, the app) lives as long as it does, and a full collection that
+    # walked it all would hold every batch behind it.
+    gc.collect()
+    gc.freeze()
+
+
 def _install() -> None:
     from worker.node import BatchIntake
 

@@ -45,6 +45,30 @@ PROMOTE_INTERVAL = 1.0
 SOFT_LIMIT_GRACE = 0.5
 
 
+#: Commands that always hash a password (tens of milliseconds of one core each).
+HASHING_TASKS = frozenset({"users.create"})
+
+
+def _jobs(items: list[tuple[batch.Received, protocol.Head]]
+          ) -> list[list[tuple[batch.Received, protocol.Head]]]:
+    """A take's messages as pool jobs: one, but for at most HASHES_PER_TRANSACTION sign-ups
+    a job, so that slow commands are spread over every process and none waits for its last
+    long job while the others idle."""
+    jobs: list[list[tuple[batch.Received, protocol.Head]]] = []
+    current: list[tuple[batch.Received, protocol.Head]] = []
+    hashes = 0
+    for item in items:
+        hashing = item[1].task in HASHING_TASKS
+        if hashing and hashes >= batch.HASHES_PER_TRANSACTION:
+            jobs.append(current)
+            current, hashes = [], 0
+        current.append(item)
+        hashes += hashing
+    if current:
+        jobs.append(current)
+    return jobs
+
+
 def _backstop(soft: float | None, hard: float | None) -> float | None:
     """The pool's soft limit for a command whose own limit is `soft`: a moment later, and
     before the hard limit."""
@@ -304,8 +328,8 @@ class Intake:
                 together.append((item, head))
         if parked:
             self._park(keys, parked)
-        if together:
-            self._dispatch(keys, together)
+        for job in _jobs(together):
+            self._dispatch(keys, job)
         for single in alone:
             self._dispatch(keys, [single], self._time_limits(single[1]))
 
