@@ -593,7 +593,9 @@ class BatchIntake(bootsteps.StartStopStep):
     starts consuming.
     """
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    # After Gossip too: its consumers exist only once its own start has run, and the guard
+    # below wraps them (the order of steps with no dependency between them is not fixed).
+    requires = ("celery.worker.consumer.tasks:Tasks", "celery.worker.consumer.gossip:Gossip")
 
     def __init__(self, c: Any, batch_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
