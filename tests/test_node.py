@@ -66,3 +66,20 @@ def test_an_election_broadcast_does_not_stop_a_node_with_gossip(
     assert applied(broker, f"after-election-{uuid.uuid4().hex[:8]}")
     assert "Unrecoverable error" not in worker.log_text()
     client.close()
+
+
+def test_a_node_takes_on_after_redis_lost_its_scripts(
+    node: tuple[WorkerProcess, str], clean_database: str
+) -> None:
+    # The take is sent by its SHA-1 behind the wait for the queue; a Redis that restarted or
+    # flushed its scripts answers NOSCRIPT to it, and the node must load the script again
+    # rather than stop taking (it once backed off on that answer, again and again).
+    worker, broker = node
+    client = redis.Redis.from_url(broker)
+    assert applied(broker, f"before-flush-{uuid.uuid4().hex[:8]}")
+    for _ in range(3):
+        client.script_flush()
+        time.sleep(0.3)  # a wait with the take behind it is now in Redis: it answers NOSCRIPT
+        assert applied(broker, f"after-flush-{uuid.uuid4().hex[:8]}", timeout=5)
+    assert worker.process.poll() is None
+    assert "cannot take commands" not in worker.log_text()

@@ -166,11 +166,17 @@ class Scripts:
         return self.taken(keys, self.run_take(script_keys, args))
 
     def take_arguments(self, keys: QueueKeys, most: int, sharing: int,
-                       max_bytes: int) -> tuple[list[str], list[Any]]:
-        """TAKE's keys and arguments (to send it on a connection of one's own: `take_sha`)."""
+                       max_bytes: int, later: float = 0.0) -> tuple[list[str], list[Any]]:
+        """TAKE's keys and arguments (to send it on a connection of one's own: `take_sha`).
+
+        `later`: the most seconds the script may wait in Redis before it runs (queued behind a
+        blocking wait); the leases it starts count from then, so that none is shorter than
+        the visibility timeout.
+        """
         lists = keys.lists
         return ([*lists, keys.unacked, keys.unacked_index, keys.tags],
-                [time.time(), max_bytes, most, max(1, sharing), len(lists), TAIL_BYTES])
+                [time.time() + later, max_bytes, most, max(1, sharing), len(lists),
+                 TAIL_BYTES])
 
     def run_take(self, script_keys: list[str], args: list[Any]) -> Any:
         """TAKE's raw reply (the script loaded again if Redis lost it)."""

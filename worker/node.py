@@ -265,15 +265,19 @@ class Intake:
         script_keys, args = request
         return self.taken(queue, self.scripts.run_take(script_keys, args))
 
-    def take_request(self, queue: str) -> tuple[list[str], list[Any]] | None:
-        """TAKE's keys and arguments for `queue` now, or None when the pool has no room."""
+    def take_request(self, queue: str, later: float = 0.0
+                     ) -> tuple[list[str], list[Any]] | None:
+        """TAKE's keys and arguments for `queue`, or None when the pool has no room.
+
+        `later`: how long the take may wait in Redis before it runs (sent behind a wait).
+        """
         if self.scripts is None or not self.has_capacity():
             return None
         # A fair share for each free slot: a short queue of slow commands (password hashes)
         # is spread over the idle processes instead of queued behind one.
         free = max(1, self.limit() - len(self.in_flight))
         return self.scripts.take_arguments(self.queue_keys(queue), self.batch_size, free,
-                                           self.max_bytes)
+                                           self.max_bytes, later)
 
     def expects_more(self, queue: str) -> bool:
         """Whether the last look at `queue` found messages (so take at once, not wait first)."""

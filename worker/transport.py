@@ -3,9 +3,10 @@
 Everything a Celery worker does over Redis (remote control, events, heartbeats, gossip,
 mingle, publishing) stays kombu's. What changes is the channel that consumes the command
 queues: when the worker node attaches its intake (worker/node.py), the channel waits for the
-queue with `BLMOVE q q RIGHT RIGHT` (which removes nothing), then hands the intake the turn to
-take a whole batch atomically (worker/broker.py) rather than delivering messages one at a
-time through kombu, which is what bounds a stock worker's main process.
+queue with `BLMOVE q q RIGHT RIGHT` (which removes nothing) with the intake's take queued
+behind it, so that the wake-up brings a whole batch, taken atomically (worker/broker.py),
+rather than messages delivered one at a time through kombu, which is what bounds a stock
+worker's main process. A queue that had messages at the last look is taken without a wait.
 
 The transport is registered under kombu's own `redis`, `rediss` and `sentinel` names
 (`register()`), so broker URLs stay plain: Flower and other tools that look at the URL's
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
+from redis.exceptions import NoScriptError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class Intake(Protocol):
     def expects_more(self, queue: str) -> bool:
         """Whether the last look at `queue` found messages."""
 
-    def take_request(self, queue: str) -> tuple[list[str], list[Any]] | None:
+    def take_request(self, queue: str, later: float = 0.0
+                     ) -> tuple[list[str], list[Any]] | None:
         """TAKE's keys and arguments for `queue` now (None: no room)."""
 
     @property
@@ -119,7 +122,8 @@ class BatchChannel(kombu_redis.Channel):
     #: While set (`collecting_publishes`), publishes in `Producer.batch()` are kept here.
     collector: CollectedPublishes | None = None
     _polled_queue: str | None = None
-    _polled_take = False
+    #: The commands sent for the poll in progress, in order (their replies are read so).
+    _polled: tuple[str, ...] = ()
     _quiet_until = 0.0
     _last_error_logged = 0.0
 
@@ -142,47 +146,68 @@ class BatchChannel(kombu_redis.Channel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         self._polled_queue = queue
-        request = self.intake.take_request(queue) if self.intake.expects_more(queue) else None
+        connection = self.client.connection
         sha = self.intake.take_sha
-        if request is not None and sha is not None:
-            # Messages were waiting at the last look: take at once, in this round trip.
-            script_keys, args = request
-            self._polled_take = True
-            self.client.connection.send_command("EVALSHA", sha, len(script_keys),
-                                                *script_keys, *args)
-            return
-        self._polled_take = False
+        if self.intake.expects_more(queue):
+            request = self.intake.take_request(queue)
+            if request is not None and sha is not None:
+                # Messages were waiting at the last look: take at once, in this round trip.
+                script_keys, args = request
+                self._polled = ("EVALSHA",)
+                connection.send_command("EVALSHA", sha, len(script_keys), *script_keys, *args)
+                return
         wait = WAIT_SECONDS if timeout is None else min(timeout, WAIT_SECONDS)
-        self.client.connection.send_command("BLMOVE", queue, queue, "RIGHT", "RIGHT", wait)
+        blmove = ("BLMOVE", queue, queue, "RIGHT", "RIGHT", wait)
+        request = self.intake.take_request(queue, later=wait)
+        if request is not None and sha is not None:
+            # The take queued behind the wait: Redis runs it as soon as the wait ends (a
+            # message came, or the time is up), so a wake-up brings the batch with it instead
+            # of costing another round trip. A closed connection drops it unrun.
+            script_keys, args = request
+            self._polled = ("BLMOVE", "EVALSHA")
+            connection.send_packed_command(connection.pack_commands(
+                [blmove, ("EVALSHA", sha, len(script_keys), *script_keys, *args)]))
+            return
+        self._polled = ("BLMOVE",)
+        connection.send_command(*blmove)
 
     def _brpop_read(self, **options: Any) -> bool:
         queue, self._polled_queue = self._polled_queue, None
         if queue is None or self.intake is None:
             return bool(super()._brpop_read(**options))
-        command = "EVALSHA" if self._polled_take else "BLMOVE"
-        reply: Any = None
+        sent, self._polled = self._polled, ()
+        replies: list[Any] = []
+        failure: Exception | None = None
         try:
             try:
-                # After BLMOVE, whether the wait ended with a message or timed out, the intake
-                # looks at every list of the queue: a timeout is when priority sub-lists get a
-                # look.
-                reply = self.client.parse_response(self.client.connection, command, **options)
+                # Every reply is read, an error or not, so that none is left for the next
+                # command on this connection.
+                for command in sent:
+                    try:
+                        replies.append(self.client.parse_response(
+                            self.client.connection, command, **options))
+                    except self.ResponseError as error:
+                        replies.append(None)
+                        failure = failure or error
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            except self.ResponseError as error:
-                if command == "EVALSHA" and "NOSCRIPT" in str(error):
-                    reply = None  # a restarted Redis: the synchronous take loads the script
-                    command = "BLMOVE"
-                else:
-                    self._back_off(queue, error)
-                    raise Empty() from None
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
+        took = sent[-1] == "EVALSHA"
+        if failure is not None:
+            if took and (isinstance(failure, NoScriptError) or "NOSCRIPT" in str(failure)):
+                took = False  # a restarted Redis: the synchronous take loads the script
+            else:
+                self._back_off(queue, failure)
+                raise Empty() from None
         self._queue_cycle.rotate(queue)
         try:
-            taken = (self.intake.taken(queue, reply) if command == "EVALSHA"
+            # After a wait without a take behind it, whether the wait ended with a message or
+            # timed out, the intake looks at every list of the queue: a timeout is when
+            # priority sub-lists get a look (the take behind a wait looks at them all too).
+            taken = (self.intake.taken(queue, replies[-1]) if took
                      else self.intake.take(queue))
         except self.ResponseError as error:
             self._back_off(queue, error)
