@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -175,6 +176,19 @@ def start_worker(database: str, broker: str, log: Path, *extra: str,
         process.kill()
         raise RuntimeError(f"the worker did not consume in 60 s:\n{log.read_text()}")
     return worker
+
+
+def wait_for(condition: Any, timeout: float = 10, message: str = "",
+             interval: float = 0.05) -> Any:
+    """`condition()`'s first truthy value, looked at every `interval` until `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message or "condition not met in time")
+        time.sleep(interval)
 
 
 def wait_until_consuming(worker: WorkerProcess, broker: str, queue: str,

@@ -42,6 +42,7 @@ from tests.conftest import (
     WorkerProcess,
     start_worker,
     stop_worker,
+    wait_for,
     wait_until_consuming,
 )
 from worker.broker import QueueKeys
@@ -211,32 +212,22 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def row(url: str, sql: str, **params: Any) -> Any:
+def rows(url: str, sql: str, **params: Any) -> list[Any]:
     engine = create_engine(url)
     with engine.connect() as connection:
-        found = connection.execute(text(sql), params).first()
+        found = list(connection.execute(text(sql), params))
     engine.dispose()
     return found
+
+
+def row(url: str, sql: str, **params: Any) -> Any:
+    found = rows(url, sql, **params)
+    return found[0] if found else None
 
 
 def dead_letters(url: str, command_id: str) -> list[Any]:
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        found = list(connection.execute(text(
-            "SELECT reason, error FROM dead_letters WHERE command_id = :c"), {"c": command_id}))
-    engine.dispose()
-    return found
-
-
-def wait_for(condition: Any, timeout: float = 10, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or "condition not met in time")
-        time.sleep(0.05)
+    return rows(url, "SELECT reason, error FROM dead_letters WHERE command_id = :c",
+                c=command_id)
 
 
 def start_node(database: str, broker: str, log: Path, name: str, *extra: str,
@@ -329,27 +320,30 @@ def test_inspect_scheduled_lists_a_command_waiting_for_its_eta(cluster: Cluster)
     assert cluster.outcome(task_id)["status"] == "SUCCESS"
 
 
+def assert_applied_once_at(cluster: Cluster, task_id: str, due: float, timeout: float,
+                           settle: float = 0) -> None:
+    """Applied, started once and no earlier than `due`, succeeded once (after `settle` s)."""
+    outcome = cluster.outcome(task_id, timeout=timeout)
+    assert outcome["status"] == "SUCCESS" and outcome["result"]["outcome"] == "applied"
+    time.sleep(settle)
+    started = cluster.events.of(task_id, "task-started")
+    assert len(started) == 1 and started[0]["timestamp"] >= due - 0.05
+    assert len(cluster.events.of(task_id, "task-succeeded")) == 1
+
+
 def test_a_countdown_longer_than_the_visibility_timeout_is_applied_once(
     cluster: Cluster
 ) -> None:
     task_id, due = cluster.early["countdown"]
-    outcome = cluster.outcome(task_id, timeout=30)
-    assert outcome["status"] == "SUCCESS" and outcome["result"]["outcome"] == "applied"
-    time.sleep(VISIBILITY_TIMEOUT)  # time for a second delivery, were there one
-    started = cluster.events.of(task_id, "task-started")
-    assert len(started) == 1 and started[0]["timestamp"] >= due - 0.05
-    assert len(cluster.events.of(task_id, "task-succeeded")) == 1
+    assert_applied_once_at(cluster, task_id, due, timeout=30,
+                           settle=VISIBILITY_TIMEOUT)  # time for a second delivery, were there one
 
 
 def test_an_eta_five_visibility_timeouts_ahead_is_applied_once_at_its_eta_without_dead_letters(
     cluster: Cluster
 ) -> None:
     task_id, due = cluster.early["eta"]
-    outcome = cluster.outcome(task_id, timeout=45)
-    assert outcome["status"] == "SUCCESS" and outcome["result"]["outcome"] == "applied"
-    started = cluster.events.of(task_id, "task-started")
-    assert len(started) == 1 and started[0]["timestamp"] >= due - 0.05
-    assert len(cluster.events.of(task_id, "task-succeeded")) == 1
+    assert_applied_once_at(cluster, task_id, due, timeout=45)
     assert dead_letters(cluster.database, task_id) == []
 
 

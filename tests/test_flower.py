@@ -23,7 +23,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import ROOT, WorkerProcess
+from tests.conftest import ROOT, WorkerProcess, wait_for
 from worker.broker import QueueKeys
 
 pytestmark = pytest.mark.integration
@@ -57,17 +57,6 @@ def get(url: str, auth: str | None = None) -> tuple[int, Any]:
         return error.code, None
 
 
-def wait_for(condition: Any, timeout: float = 30, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or "condition not met in time")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def flower(database_url: str, broker_url: str, worker_process: WorkerProcess,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -90,7 +79,7 @@ def flower(database_url: str, broker_url: str, worker_process: WorkerProcess,
                 return False
             return True
 
-        wait_for(listening, 60, "Flower never listened")
+        wait_for(listening, 60, "Flower never listened", interval=0.2)
         with open(f"/proc/{process.pid}/cmdline", "rb") as cmdline:
             assert PASSWORD.encode() not in cmdline.read()  # never on the command line
         yield base
@@ -108,7 +97,8 @@ def worker_entry(flower: str, name: str) -> dict[str, Any]:
         wanted = ("stats", "active_queues", "registered", "conf")
         return entry if all(entry.get(key) for key in wanted) else None
 
-    found: dict[str, Any] = wait_for(full, message="Flower never had the whole worker")
+    found: dict[str, Any] = wait_for(full, 30, "Flower never had the whole worker",
+                                     interval=0.2)
     return found
 
 
@@ -208,7 +198,7 @@ def test_prometheus_scrapes_celery_metrics_from_flower_behind_basic_auth(
 
         succeeded = wait_for(lambda: query(
             'flower_events_total{job="flower",task="tags.create",type="task-succeeded"}'),
-            message=(tmp_path / "prometheus.log").read_text()[-2000:])
+            30, (tmp_path / "prometheus.log").read_text()[-2000:], interval=0.2)
         assert float(succeeded[0]["value"][1]) >= 1
         (up,) = query('up{job="flower"}')
         assert up["value"][1] == "1"  # the scrape passed Flower's basic auth
