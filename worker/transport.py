@@ -143,33 +143,24 @@ class BatchChannel(kombu_redis.Channel):
         if not queues:
             return
         queue = str(queues[0])
-        self._in_poll = self.client.connection
+        connection = self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         self._polled_queue = queue
-        connection = self.client.connection
-        sha = self.intake.take_sha
-        if self.intake.expects_more(queue):
-            request = self.intake.take_request(queue)
-            if request is not None and sha is not None:
-                # Messages were waiting at the last look: take at once, in this round trip.
-                script_keys, args = request
-                self._polled = ("EVALSHA",)
-                connection.send_command("EVALSHA", sha, len(script_keys), *script_keys, *args)
-                return
         wait = WAIT_SECONDS if timeout is None else min(timeout, WAIT_SECONDS)
-        blmove = ("BLMOVE", queue, queue, "RIGHT", "RIGHT", wait)
-        request = self.intake.take_request(queue, later=wait)
+        blmove: tuple[Any, ...] = ("BLMOVE", queue, queue, "RIGHT", "RIGHT", wait)
+        # Nothing was waiting at the last look: wait for the queue first. The take queued
+        # behind the wait runs as soon as it ends (a message came, or the time is up), so a
+        # wake-up brings its batch instead of costing another round trip; a closed connection
+        # drops it unrun. Messages were waiting: take at once, without a wait.
+        commands = [] if self.intake.expects_more(queue) else [blmove]
+        request = self.intake.take_request(queue, later=wait if commands else 0.0)
+        sha = self.intake.take_sha
         if request is not None and sha is not None:
-            # The take queued behind the wait: Redis runs it as soon as the wait ends (a
-            # message came, or the time is up), so a wake-up brings the batch with it instead
-            # of costing another round trip. A closed connection drops it unrun.
             script_keys, args = request
-            self._polled = ("BLMOVE", "EVALSHA")
-            connection.send_packed_command(connection.pack_commands(
-                [blmove, ("EVALSHA", sha, len(script_keys), *script_keys, *args)]))
-            return
-        self._polled = ("BLMOVE",)
-        connection.send_command(*blmove)
+            commands.append(("EVALSHA", sha, len(script_keys), *script_keys, *args))
+        commands = commands or [blmove]
+        self._polled = tuple(command[0] for command in commands)
+        connection.send_packed_command(connection.pack_commands(commands))
 
     def _brpop_read(self, **options: Any) -> bool:
         queue, self._polled_queue = self._polled_queue, None
@@ -197,7 +188,7 @@ class BatchChannel(kombu_redis.Channel):
             self._flush_brpop_reauth()
         took = sent[-1] == "EVALSHA"
         if failure is not None:
-            if took and (isinstance(failure, NoScriptError) or "NOSCRIPT" in str(failure)):
+            if took and isinstance(failure, NoScriptError):
                 took = False  # a restarted Redis: the synchronous take loads the script
             else:
                 self._back_off(queue, failure)
