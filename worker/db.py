@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
@@ -63,17 +63,18 @@ def time_limit(seconds: float) -> Iterator[None]:
     """
     # PostgreSQL takes at most INT_MAX milliseconds (24.8 days): beyond, no limit is set.
     milliseconds = int(max(seconds, 0.001) * 1000)
-    token = _time_limit_ms.set(milliseconds if milliseconds <= 2**31 - 1 else None)
-    try:
+    with _limited(milliseconds if milliseconds <= 2**31 - 1 else None):
         yield
-    finally:
-        _time_limit_ms.reset(token)
+
+
+def no_time_limit() -> AbstractContextManager[None]:
+    """Transactions begun meanwhile run without a command's time limit (dead letters)."""
+    return _limited(None)
 
 
 @contextmanager
-def no_time_limit() -> Iterator[None]:
-    """Transactions begun meanwhile run without a command's time limit (dead letters)."""
-    token = _time_limit_ms.set(None)
+def _limited(milliseconds: int | None) -> Iterator[None]:
+    token = _time_limit_ms.set(milliseconds)
     try:
         yield
     finally:
