@@ -24,10 +24,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -53,6 +53,28 @@ RESULT_KEY = "celery-task-meta-{}"
 # About 300 ms of hashing at the default cost: a run of sign-ups is answered as it goes, and
 # the per-transaction cost stays about 1% of the hashing.
 HASHES_PER_TRANSACTION = 16
+
+_Item = TypeVar("_Item")
+
+
+def by_hashes(items: Sequence[_Item], hashes: Callable[[_Item], bool]
+              ) -> list[list[_Item]]:
+    """`items` in order, in groups of at most HASHES_PER_TRANSACTION that `hashes` (and any
+    number that do not)."""
+    groups: list[list[_Item]] = []
+    current: list[_Item] = []
+    count = 0
+    for item in items:
+        hashing = hashes(item)
+        if hashing and count >= HASHES_PER_TRANSACTION:
+            groups.append(current)
+            current, count = [], 0
+        current.append(item)
+        count += hashing
+    if current:
+        groups.append(current)
+    return groups
+
 
 #: What the node decided about a message before handing it on.
 APPLY, REVOKED, EXPIRED = "apply", "revoked", "expired"
@@ -380,19 +402,12 @@ class BatchRunner:
                 logger.exception("message %s could not be read; it goes back on the queue",
                                  item.message.tag)
                 left.append(item.message)
-        start = 0
         try:
             # Commands that hash a password are slow: no more than HASHES_PER_TRANSACTION of
             # them per transaction, each group answered and acknowledged when it commits.
-            while start < len(deliveries):
-                end, hashes = start, 0
-                while end < len(deliveries) and (
-                        hashes < HASHES_PER_TRANSACTION
-                        or not apply.needs_hash(deliveries[end].command)):
-                    hashes += apply.needs_hash(deliveries[end].command)
-                    end += 1
-                left += self._settle(job, deliveries[start:end])
-                start = end
+            for group in by_hashes(deliveries, lambda delivery: apply.needs_hash(
+                    delivery.command)):
+                left += self._settle(job, group)
         finally:
             self._published()
         return tuple(message.tag for message in left)

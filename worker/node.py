@@ -54,19 +54,7 @@ def _jobs(items: list[tuple[batch.Received, protocol.Head]]
     """A take's messages as pool jobs: one, but for at most HASHES_PER_TRANSACTION sign-ups
     a job, so that slow commands are spread over every process and none waits for its last
     long job while the others idle."""
-    jobs: list[list[tuple[batch.Received, protocol.Head]]] = []
-    current: list[tuple[batch.Received, protocol.Head]] = []
-    hashes = 0
-    for item in items:
-        hashing = item[1].task in HASHING_TASKS
-        if hashing and hashes >= batch.HASHES_PER_TRANSACTION:
-            jobs.append(current)
-            current, hashes = [], 0
-        current.append(item)
-        hashes += hashing
-    if current:
-        jobs.append(current)
-    return jobs
+    return batch.by_hashes(items, lambda item: item[1].task in HASHING_TASKS)
 
 
 def _backstop(soft: float | None, hard: float | None) -> float | None:
