@@ -90,3 +90,37 @@ def test_polled_counts_are_interpolated_between_samples() -> None:
     assert rate is not None
     assert rate.per_second == pytest.approx(100)
     assert rate.window_s == pytest.approx(9.0)
+
+
+@pytest.mark.integration
+def test_the_lean_publisher_sends_one_lpush_a_message_and_checks_every_reply(
+        broker_url: str) -> None:
+    import uuid
+
+    import redis
+
+    from worker.bench.measure import LeanPublisher
+
+    client = redis.Redis.from_url(broker_url)
+    queue = f"lean-{uuid.uuid4().hex}"
+    messages = [f"message {i}".encode() for i in range(7)]
+    publisher = LeanPublisher(client, queue, messages)
+    try:
+        publisher.send(0, 1)
+        publisher.send(1, 7)
+        publisher.confirm()
+    finally:
+        publisher.close()
+    # LPUSH puts each in front: the first sent is the first a consumer's BRPOP takes.
+    assert client.lrange(queue, 0, -1) == messages[::-1]
+    client.delete(queue)
+
+    client.set(queue, "not a list")
+    publisher = LeanPublisher(client, queue, messages[:2])
+    try:
+        publisher.send(0, 2)
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            publisher.confirm()
+    finally:
+        publisher.close()
+        client.delete(queue)

@@ -131,6 +131,11 @@ def tables(result: dict[str, Any]) -> list[Table]:
                   "(half the posts.create peak)",
                   f"p50 {_num(latency.get('p50_ms'), 1)} ms, p99 {_num(latency.get('p99_ms'), 1)}"
                   f" ms, max {_num(latency.get('max_ms'), 1)} ms")
+    machine = latency.get("machine") or {}
+    if machine.get("busy_pct") is not None:
+        other.add_row("  the machine meanwhile",
+                      f"{_num(machine.get('busy_pct'), 0)}% of all cores busy; the "
+                      f"publisher {_num(machine.get('publisher_pct_of_a_core'), 1)}% of a core")
     rss = (soak.get("run") or {}).get("rss_mb") or {}
     other.add_row(f"worker RSS over the soak ({_num(soak.get('commands'))} commands, MB)",
                   f"{_num(rss.get('start_total'), 1)} -> {_num(rss.get('end_total'), 1)} "
