@@ -450,9 +450,11 @@ class LeanPublisher:
     """
 
     def __init__(self, broker: redis.Redis, queue: str, messages: Sequence[bytes]) -> None:
-        self.connection = broker.connection_pool.make_connection()
-        self.connection.connect()
-        self.packed = [b"".join(self.connection.pack_command("LPUSH", queue, message))
+        # redis-py types its connections loosely (untyped methods): used as Any.
+        connection: Any = broker.connection_pool.make_connection()
+        connection.connect()
+        self.connection = connection
+        self.packed = [b"".join(connection.pack_command("LPUSH", queue, message))
                        for message in messages]
         self.sent = 0
 
