@@ -124,3 +124,13 @@ def test_the_lean_publisher_sends_one_lpush_a_message_and_checks_every_reply(
     finally:
         publisher.close()
         client.delete(queue)
+
+
+def test_the_longest_commit_gap_counts_from_the_first_publish() -> None:
+    from worker.bench.measure import commit_gap
+
+    published = [10.0, 10.001, 10.002]
+    assert commit_gap(published, [10.004, 10.006, 10.106, 10.110]) == pytest.approx(100.0)
+    # Nothing committed for the first 50 ms: that is a gap too.
+    assert commit_gap(published, [10.050, 10.051]) == pytest.approx(50.0)
+    assert commit_gap(published, []) is None

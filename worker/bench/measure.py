@@ -405,6 +405,8 @@ class LatencyResult:
     per_second: list[tuple[int, float, float]] = field(default_factory=list)
     machine: dict[str, float | None] = field(default_factory=dict)
     until: str = "commit"
+    #: The longest time in the run during which no command of it committed (see commit_gap).
+    longest_commit_gap_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -420,10 +422,26 @@ class LatencyResult:
                 "sent_per_s": round(self.sent_per_s, 1), "commands": self.commands,
                 "from": "LPUSH", "until": self.until,
                 "missing": self.missing, **stats, "checkpoints_during": self.checkpoints,
+                "longest_commit_gap_ms": self.longest_commit_gap_ms,
                 "machine": self.machine,
                 "per_second": [{"second": second, "p50_ms": round(p50, 1),
                                 "max_ms": round(worst, 1)}
                                for second, p50, worst in self.per_second]}
+
+
+def commit_gap(published: Sequence[float], committed: Sequence[float]) -> float | None:
+    """The longest time (ms) between the first publish and the last commit in which none of
+    the commands committed.
+
+    At a steady offered load a batch commits every few milliseconds, so a long gap is a
+    stall: the whole pipeline waiting on one thing (in this benchmark's runs, most often
+    PostgreSQL waiting for the disk to flush its WAL: a commit's timestamp is taken before
+    that flush, and every later commit waits behind it).
+    """
+    if not published or not committed:
+        return None
+    times = sorted({min(published), *committed})
+    return round(max((b - a for a, b in itertools.pairwise(times)), default=0.0) * 1000, 1)
 
 
 def by_second(published: Sequence[float], latencies: Sequence[float | None]
@@ -530,4 +548,4 @@ def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, b
     latencies = [latency for latency in each if latency is not None]
     return LatencyResult(rate, sent_rate, total, latencies, total - len(latencies),
                          _difference(checkpoints, checkpoints_after), by_second(published, each),
-                         load, progress.clock)
+                         load, progress.clock, commit_gap(published, list(applied.values())))

@@ -136,6 +136,9 @@ def tables(result: dict[str, Any]) -> list[Table]:
         other.add_row("  the machine meanwhile",
                       f"{_num(machine.get('busy_pct'), 0)}% of all cores busy; the "
                       f"publisher {_num(machine.get('publisher_pct_of_a_core'), 1)}% of a core")
+    if latency.get("longest_commit_gap_ms") is not None:
+        other.add_row("  the longest time in which nothing committed",
+                      f"{_num(latency.get('longest_commit_gap_ms'), 1)} ms")
     rss = (soak.get("run") or {}).get("rss_mb") or {}
     other.add_row(f"worker RSS over the soak ({_num(soak.get('commands'))} commands, MB)",
                   f"{_num(rss.get('start_total'), 1)} -> {_num(rss.get('end_total'), 1)} "
