@@ -134,3 +134,42 @@ def test_the_longest_commit_gap_counts_from_the_first_publish() -> None:
     # Nothing committed for the first 50 ms: that is a gap too.
     assert commit_gap(published, [10.050, 10.051]) == pytest.approx(50.0)
     assert commit_gap(published, []) is None
+
+
+@pytest.mark.integration
+def test_wal_flushes_count_what_commits_waited_for_the_disk(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    from worker.bench.measure import WalFlushes
+    from worker.bench.stack import connect
+
+    # Timing on for this test's sessions only (a superuser setting; the benchmark's own
+    # throwaway server has it on for everyone).
+    monkeypatch.setenv("PGOPTIONS", "-c track_wal_io_timing=on")
+    writer = connect(database_url)
+    with writer.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not cursor.fetchone()[0]:
+            writer.close()
+            pytest.skip("track_wal_io_timing needs a superuser")
+    flushes = WalFlushes(database_url, interval=0.05)
+    flushes.start()
+    table = f"wal_probe_{uuid.uuid4().hex}"
+    with writer.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {table} (n int)")  # logged: a temporary one is not
+        writer.commit()
+        for n in range(5):
+            cursor.execute(f"INSERT INTO {table} VALUES (%s)", (n,))
+            writer.commit()
+        cursor.execute(f"DROP TABLE {table}")
+        # The backend reports its statistics before it answers the next commit.
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        writer.commit()
+    writer.close()
+    seen = flushes.stop()
+
+    assert seen is not None
+    assert seen["flushes"] >= 5
+    assert seen["flush_ms"] > 0
+    assert 0 < seen["most_in_one_second_ms"] <= seen["flush_ms"]

@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import itertools
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -407,6 +408,8 @@ class LatencyResult:
     until: str = "commit"
     #: The longest time in the run during which no command of it committed (see commit_gap).
     longest_commit_gap_ms: float | None = None
+    #: PostgreSQL's WAL flushes during the run (WalFlushes.stop), when it could be read.
+    wal_flushes: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -423,6 +426,7 @@ class LatencyResult:
                 "from": "LPUSH", "until": self.until,
                 "missing": self.missing, **stats, "checkpoints_during": self.checkpoints,
                 "longest_commit_gap_ms": self.longest_commit_gap_ms,
+                "wal_flushes": self.wal_flushes,
                 "machine": self.machine,
                 "per_second": [{"second": second, "p50_ms": round(p50, 1),
                                 "max_ms": round(worst, 1)}
@@ -454,6 +458,74 @@ def by_second(published: Sequence[float], latencies: Sequence[float | None]
             groups.setdefault(int(at - start), []).append(latency)
     return [(second, percentile(sorted(values), 0.5), max(values))
             for second, values in sorted(groups.items())]
+
+
+class WalFlushes:
+    """How long PostgreSQL spent flushing its WAL during a run, sampled once a second.
+
+    From the server's cumulative statistics (`pg_stat_io` from PostgreSQL 18, `pg_stat_wal`
+    before), on a connection and thread of their own; the times need `track_wal_io_timing`
+    (on in the throwaway server). Backends add their counts every second or so, so the most
+    added between two samples is about the most flushing time in one second: a commit
+    waiting 200 ms for the disk shows there as 200 ms or more.
+    """
+
+    QUERIES = ("SELECT sum(fsyncs), sum(fsync_time) FROM pg_stat_io WHERE object = 'wal'",
+               "SELECT wal_sync, wal_sync_time FROM pg_stat_wal")
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        self.url = url
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.timed = False
+        self._query: str | None = None
+        self._monitor: Monitor | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Take the first sample and go on in the background (nothing if it cannot be read)."""
+        try:
+            self._monitor = Monitor(self.url)
+            self.timed = self._monitor.value("SHOW track_wal_io_timing") == "on"
+            for query in self.QUERIES:
+                with contextlib.suppress(psycopg2.Error):
+                    self._monitor.rows(query)
+                    self._query = query
+                    break
+        except psycopg2.Error:
+            return
+        if self._query is None or not self.timed:
+            return
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="wal-flushes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        assert self._monitor is not None and self._query is not None
+        with contextlib.suppress(psycopg2.Error):
+            count, spent = self._monitor.rows(self._query)[0]
+            self.samples.append((float(count or 0), float(spent or 0.0)))
+
+    def stop(self) -> dict[str, float] | None:
+        """Stop sampling; the flushes, their time and the most time in one second (ms)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        if self._monitor is not None:
+            self._monitor.close()
+        if len(self.samples) < 2:
+            return None
+        steps = [later[1] - earlier[1]
+                 for earlier, later in itertools.pairwise(self.samples)]
+        return {"flushes": self.samples[-1][0] - self.samples[0][0],
+                "flush_ms": round(self.samples[-1][1] - self.samples[0][1], 1),
+                "most_in_one_second_ms": round(max(steps), 1)}
 
 
 class LeanPublisher:
@@ -500,14 +572,17 @@ def _share_of_a_core(start: float | None, end: float | None, wall: float) -> flo
 
 def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, batch: Batch,
           rate: float, progress: LedgerProgress, stall_seconds: float,
-          report: Report) -> LatencyResult:
-    """Publish `batch` at `rate` per second, then read each command's commit time."""
+          report: Report, flushes: WalFlushes | None = None) -> LatencyResult:
+    """Publish `batch` at `rate` per second, then read each command's commit time (and, with
+    `flushes`, how long PostgreSQL spent flushing its WAL meanwhile)."""
     total = len(batch)
     publisher = LeanPublisher(broker, queue, batch.encoded(queue))
     published: list[float] = [0.0] * total
     consumer.check_alive()
     progress.monitor.checkpoint()
     checkpoints = progress.monitor.checkpoints()
+    if flushes is not None:
+        flushes.start()
     cpu_before = meters.cpu()
     started = time.monotonic()
     sent = 0
@@ -537,6 +612,7 @@ def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, b
         consumer.check_alive()
         time.sleep(0.1)
     report(total)
+    flushed = flushes.stop() if flushes is not None else None
     load = {**machine_load(cpu_before, meters.cpu()),
             "publisher_pct_of_a_core": _share_of_a_core(cpu_before.harness,
                                                         cpu_published.harness,
@@ -548,4 +624,5 @@ def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, b
     latencies = [latency for latency in each if latency is not None]
     return LatencyResult(rate, sent_rate, total, latencies, total - len(latencies),
                          _difference(checkpoints, checkpoints_after), by_second(published, each),
-                         load, progress.clock, commit_gap(published, list(applied.values())))
+                         load, progress.clock, commit_gap(published, list(applied.values())),
+                         flushed)

@@ -31,6 +31,7 @@ from worker.bench.measure import (
     Monitor,
     RunResult,
     TableProgress,
+    WalFlushes,
     drain,
     paced,
     rss_growth_pct,
@@ -319,7 +320,7 @@ class Benchmark:
                 result = paced(process, self.meters(side, process), self.broker, side.queue,
                                batch, rate,
                                LedgerProgress(side.monitor, batch.prefix),
-                               self.sizes.stall_seconds, report)
+                               self.sizes.stall_seconds, report, WalFlushes(side.database_url))
         finally:
             forget_results(self.broker, batch)
         self.latency = result.as_dict()

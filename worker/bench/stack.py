@@ -105,6 +105,7 @@ def redis_pid(url: str) -> int | None:
 # The throwaway PostgreSQL: durable as configured by default (fsync, synchronous_commit, full
 # page writes), plus:
 # - commit timestamps, which give each command's latency up to its commit (measure.py);
+# - WAL I/O timing, which tells how long commits waited for the disk (measure.WalFlushes);
 # - wal_init_zero=off: a new cluster has no WAL segment to recycle, so it creates every one,
 #   and zero-filling a new 16 MB segment holds up every commit meanwhile (30-80 ms here,
 #   several times a phase), which a long-running server that recycles its segments seldom
@@ -115,8 +116,8 @@ def redis_pid(url: str) -> int | None:
 #   filled (seen landing mid-run: 80 ms stalls in the latency phase) would make a run's
 #   figures depend on where the autovacuum cycle falls. Every run starts after an explicit
 #   VACUUM (ANALYZE) and CHECKPOINT instead (measure.Monitor.checkpoint), unmeasured.
-SETTINGS = {"track_commit_timestamp": "on", "wal_init_zero": "off", "min_wal_size": "2GB",
-            "max_wal_size": "4GB", "autovacuum": "off"}
+SETTINGS = {"track_commit_timestamp": "on", "track_wal_io_timing": "on", "wal_init_zero": "off",
+            "min_wal_size": "2GB", "max_wal_size": "4GB", "autovacuum": "off"}
 
 
 # The throwaway Redis keeps nothing on disk by default, as this machine's Redis (and CI's):

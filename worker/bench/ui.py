@@ -139,6 +139,12 @@ def tables(result: dict[str, Any]) -> list[Table]:
     if latency.get("longest_commit_gap_ms") is not None:
         other.add_row("  the longest time in which nothing committed",
                       f"{_num(latency.get('longest_commit_gap_ms'), 1)} ms")
+    flushes = latency.get("wal_flushes")
+    if flushes:
+        other.add_row("  PostgreSQL flushing its WAL (fsync)",
+                      f"{_num(flushes.get('flushes'))} flushes, {_num(flushes.get('flush_ms'))} "
+                      f"ms in all, {_num(flushes.get('most_in_one_second_ms'))} ms at most in "
+                      "one second")
     rss = (soak.get("run") or {}).get("rss_mb") or {}
     other.add_row(f"worker RSS over the soak ({_num(soak.get('commands'))} commands, MB)",
                   f"{_num(rss.get('start_total'), 1)} -> {_num(rss.get('end_total'), 1)} "
