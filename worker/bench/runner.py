@@ -151,18 +151,20 @@ class Benchmark:
                 "before the benchmark starts: other work will distort the figures",
                 highlight=False)
         baseline = worker = None
+        sides: list[tuple[Side, str]] = []
         with self.exits:
             with self.phase("ceilings"):
                 self.measure_ceilings()
             if not self.options.skip_baseline:
                 with self.phase("baseline"):
                     baseline = self.make_side("baseline", "b", plan.BASELINE_QUEUE, extra=0)
-                    self.measure_side(baseline, plan.BASELINE_COMMAND)
+                    sides.append((baseline, plan.BASELINE_COMMAND))
             with self.phase("worker"):
                 worker = self.make_side("worker", "w", plan.WORKER_QUEUE,
                                         extra=posts_needed(plan.MIXES[plan.SOAK_MIX],
                                                            self.sizes.soak))
-                self.measure_side(worker, self.options.worker_command, latency_and_soak=True)
+                sides.append((worker, self.options.worker_command))
+            self.measure_sides(sides)
         return self.result(baseline, worker, time.monotonic() - started)
 
     def measure_ceilings(self) -> None:
@@ -252,31 +254,50 @@ class Benchmark:
         return Meters(process.pid, self.stack.postgres_pid, self.stack.redis_pid,
                       (side.monitor.backend_pid,))
 
-    def measure_side(self, side: Side, template: str, latency_and_soak: bool = False) -> None:
-        """Every mix through `side`'s consumer; then latency and the soak when asked."""
-        process = self.start(side, template)
+    def measure_sides(self, sides: list[tuple[Side, str]]) -> None:
+        """Every mix through each side's consumer, then latency and the soak through this
+        worker's.
+
+        Both consumers run side by side (the one not measured idles) and each mix goes
+        through the baseline right before this worker: the machine's speed drifts over
+        minutes, and a ratio is only as good as the two runs it divides were measured at the
+        same speed. The baseline stops before the latency and the soak.
+        """
+        processes: dict[str, Consumer] = {}
+        started: list[tuple[Side, str]] = []
+        for side, template in sides:
+            with self.phase(side.name):
+                processes[side.name] = self.start(side, template)
+                started.append((side, template))
         for mix_name, mix in plan.MIXES.items():
-            with self.phase(f"{side.name} {mix_name}"):
-                if not process.alive():
-                    process = self.start(side, template)
-                batch = build(self.prefix(side, mix_name), mix,
-                              self.count_for(side.code, mix_name), side.seeded, self.rng)
-                label = f"{side.name}: {mix_name}"
-                if side.code == "w" and mix_name == plan.HASHING_MIX:
-                    side.runs[mix_name] = self.hash_ceiling_around(
-                        side, functools.partial(self.drain, side, process, batch, label))
-                else:
-                    side.runs[mix_name] = self.drain(side, process, batch, label)
-        if latency_and_soak:
+            for side, template in started:
+                with self.phase(f"{side.name} {mix_name}"):
+                    process = self.running(side, template, processes)
+                    batch = build(self.prefix(side, mix_name), mix,
+                                  self.count_for(side.code, mix_name), side.seeded, self.rng)
+                    label = f"{side.name}: {mix_name}"
+                    if side.code == "w" and mix_name == plan.HASHING_MIX:
+                        side.runs[mix_name] = self.hash_ceiling_around(
+                            side, functools.partial(self.drain, side, process, batch, label))
+                    else:
+                        side.runs[mix_name] = self.drain(side, process, batch, label)
+        for side, template in started:
+            if side.code != "w":
+                processes.pop(side.name).stop()
+                continue
             with self.phase("latency"):
-                if not process.alive():
-                    process = self.start(side, template)
-                self.measure_latency(side, process)
+                self.measure_latency(side, self.running(side, template, processes))
             with self.phase("soak"):
-                if not process.alive():
-                    process = self.start(side, template)
-                self.measure_soak(side, process)
-        process.stop()
+                self.measure_soak(side, self.running(side, template, processes))
+        for process in processes.values():
+            process.stop()
+
+    def running(self, side: Side, template: str, processes: dict[str, Consumer]) -> Consumer:
+        """`side`'s consumer, started again if it died in an earlier phase."""
+        process = processes[side.name]
+        if not process.alive():
+            process = processes[side.name] = self.start(side, template)
+        return process
 
     def drain(self, side: Side, process: Consumer, batch: Batch, label: str,
               rss_every: float | None = None) -> RunResult:
