@@ -48,6 +48,10 @@ def test_a_quick_benchmark_reports_every_figure_as_a_sane_number(
     assert hashing["ceiling_per_s"] == pytest.approx(
         hashing["per_core_per_s"] * hashing["processes"], rel=0.01)
     assert result["latency"]["missing"] == 0
+    # Each mix through the baseline right before this worker, mix after mix.
+    starts = [result[side][mix]["started_at"] for mix in plan.MIXES
+              for side in ("baseline", "worker")]
+    assert starts == sorted(starts)
     assert set(result["targets"]) and all("met" in target for target in result["targets"].values())
 
 

@@ -296,11 +296,14 @@ class RunResult:
     rss_end: dict[int, int]
     rss_marks: list[RssMark] = field(default_factory=list)
     checkpoints: int | None = None
+    #: When the consumer was let go on the queued run (epoch seconds).
+    started_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
         return {
             "commands": self.commands,
+            "started_at": _round(self.started_at, 3),
             "cmds_per_s": _round(self.cmds_per_s),
             "window_s": _round(self.window_s, 3),
             "rate_from": self.rate_from,
@@ -386,7 +389,7 @@ def drain(run: Drain, report: Report,
                      measured.how if measured else "none", rejected, wall,
                      cpu_ms_per_command(cpu_before, cpu_after, total),
                      machine_load(cpu_before, cpu_after), rss_start, rss_end, marks,
-                     _difference(checkpoints, checkpoints_after))
+                     _difference(checkpoints, checkpoints_after), resumed_at)
 
 
 def _difference(before: int | None, after: int | None) -> int | None:
