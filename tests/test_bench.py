@@ -177,3 +177,4 @@ def test_wal_flushes_count_what_commits_waited_for_the_disk(
     assert seen["flushes"] >= 5
     assert seen["flush_ms"] > 0
     assert 0 < seen["most_in_one_second_ms"] <= seen["flush_ms"]
+    assert flushes.stop() == seen  # stopping again (a phase's clean-up) changes nothing

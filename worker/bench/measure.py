@@ -480,7 +480,6 @@ class WalFlushes:
         self.url = url
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
-        self.timed = False
         self._query: str | None = None
         self._monitor: Monitor | None = None
         self._stop = threading.Event()
@@ -490,7 +489,7 @@ class WalFlushes:
         """Take the first sample and go on in the background (nothing if it cannot be read)."""
         try:
             self._monitor = Monitor(self.url)
-            self.timed = self._monitor.value("SHOW track_wal_io_timing") == "on"
+            timed = self._monitor.value("SHOW track_wal_io_timing") == "on"
             for query in self.QUERIES:
                 with contextlib.suppress(psycopg2.Error):
                     self._monitor.rows(query)
@@ -498,7 +497,7 @@ class WalFlushes:
                     break
         except psycopg2.Error:
             return
-        if self._query is None or not self.timed:
+        if self._query is None or not timed:
             return
         self._sample()
         self._thread = threading.Thread(target=self._run, name="wal-flushes", daemon=True)
@@ -515,13 +514,16 @@ class WalFlushes:
             self.samples.append((float(count or 0), float(spent or 0.0)))
 
     def stop(self) -> dict[str, float] | None:
-        """Stop sampling; the flushes, their time and the most time in one second (ms)."""
+        """Stop sampling (again: nothing more); the flushes, their time and the most time in
+        one second (ms)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
+            self._thread = None
             self._sample()
         if self._monitor is not None:
             self._monitor.close()
+            self._monitor = None
         if len(self.samples) < 2:
             return None
         steps = [later[1] - earlier[1]
@@ -579,17 +581,19 @@ def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, b
     """Publish `batch` at `rate` per second, then read each command's commit time (and, with
     `flushes`, how long PostgreSQL spent flushing its WAL meanwhile)."""
     total = len(batch)
-    publisher = LeanPublisher(broker, queue, batch.encoded(queue))
     published: list[float] = [0.0] * total
-    consumer.check_alive()
-    progress.monitor.checkpoint()
-    checkpoints = progress.monitor.checkpoints()
-    if flushes is not None:
-        flushes.start()
-    cpu_before = meters.cpu()
-    started = time.monotonic()
-    sent = 0
-    try:
+    with contextlib.ExitStack() as cleanup:  # the publisher and the sampler end with the phase
+        publisher = LeanPublisher(broker, queue, batch.encoded(queue))
+        cleanup.callback(publisher.close)
+        consumer.check_alive()
+        progress.monitor.checkpoint()
+        checkpoints = progress.monitor.checkpoints()
+        if flushes is not None:
+            flushes.start()
+            cleanup.callback(flushes.stop)
+        cpu_before = meters.cpu()
+        started = time.monotonic()
+        sent = 0
         while sent < total:
             due = min(total, int((time.monotonic() - started) * rate) + 1)
             if due > sent:
@@ -602,20 +606,18 @@ def paced(consumer: Consumer, meters: Meters, broker: redis.Redis, queue: str, b
                 time.sleep(min(0.002, (due + 1 - sent) / rate))
         sent_rate = total / max(1e-9, time.monotonic() - started)
         publisher.confirm()
-    finally:
-        publisher.close()
-    cpu_published = meters.cpu()
-    consumer.check_alive()
-    deadline = time.monotonic() + stall_seconds
-    while (done := progress()) < total:
-        report(total // 2 + done // 2)
-        if time.monotonic() > deadline:
-            raise PhaseError(f"{consumer.name}: {done}/{total} paced commands applied after "
-                             f"{stall_seconds:.0f} s:\n{consumer.log_tail()}")
+        cpu_published = meters.cpu()
         consumer.check_alive()
-        time.sleep(0.1)
-    report(total)
-    flushed = flushes.stop() if flushes is not None else None
+        deadline = time.monotonic() + stall_seconds
+        while (done := progress()) < total:
+            report(total // 2 + done // 2)
+            if time.monotonic() > deadline:
+                raise PhaseError(f"{consumer.name}: {done}/{total} paced commands applied "
+                                 f"after {stall_seconds:.0f} s:\n{consumer.log_tail()}")
+            consumer.check_alive()
+            time.sleep(0.1)
+        report(total)
+        flushed = flushes.stop() if flushes is not None else None
     load = {**machine_load(cpu_before, meters.cpu()),
             "publisher_pct_of_a_core": _share_of_a_core(cpu_before.harness,
                                                         cpu_published.harness,
