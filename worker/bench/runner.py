@@ -281,14 +281,15 @@ class Benchmark:
                             side, functools.partial(self.drain, side, process, batch, label))
                     else:
                         side.runs[mix_name] = self.drain(side, process, batch, label)
-        for side, template in started:
+        for side, _ in started:
             if side.code != "w":
                 processes.pop(side.name).stop()
-                continue
-            with self.phase("latency"):
-                self.measure_latency(side, self.running(side, template, processes))
-            with self.phase("soak"):
-                self.measure_soak(side, self.running(side, template, processes))
+        for side, template in started:
+            if side.code == "w":
+                with self.phase("latency"):
+                    self.measure_latency(side, self.running(side, template, processes))
+                with self.phase("soak"):
+                    self.measure_soak(side, self.running(side, template, processes))
         for process in processes.values():
             process.stop()
 
