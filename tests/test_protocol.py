@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -66,3 +67,30 @@ def test_a_canvas_nested_deeper_than_any_real_one_is_refused_without_recursing()
     for _ in range(5000):
         signature = {"task": "celery.chain", "kwargs": {"tasks": [signature]}}
     assert canvas_problem({"chain": [signature]}) == "the message's canvas is nested too deeply"
+
+
+def test_no_canvas_is_no_problem_but_anything_else_is_still_looked_at() -> None:
+    empty = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    assert canvas_problem(empty) is None
+    assert canvas_problem({}) is None
+    # A value that is not None goes through every check, under any key.
+    assert canvas_problem({**empty, "chord": {}}) == "the message's chord is not a signature"
+    deep: object = "x"
+    for _ in range(100):
+        deep = [deep]
+    assert canvas_problem({**empty, "other": deep}) == "the message's canvas is nested too deeply"
+
+
+def test_a_base64_body_is_read_whole_or_wrapped_and_anything_else_is_refused() -> None:
+    from worker.protocol import UndecodableMessage, encode
+
+    raw = encode("tags.create", {"data": {"name": "wrapped"}}, queue="q", task_id="t-1")
+    envelope = json.loads(raw)
+    body = envelope["body"]
+    for shown in (body, "\n".join(body[i:i + 76] for i in range(0, len(body), 76)),
+                  " " + body + "\r\n"):
+        message = decode(json.dumps({**envelope, "body": shown}).encode())
+        assert message.kwargs == {"data": {"name": "wrapped"}}
+    for bad in (body[:-1] + "!", body + "\x00", "é" + body):
+        with pytest.raises(UndecodableMessage, match="the body is not valid base64"):
+            decode(json.dumps({**envelope, "body": bad}).encode())
