@@ -115,6 +115,16 @@ def db_session(database_url: str) -> Iterator[Session]:
             outer.rollback()
 
 
+def scalar(url: str, sql: str, **params: Any) -> Any:
+    """The first column of the first row `sql` returns, read on a connection of its own."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text(sql), params).scalar()
+    finally:
+        engine.dispose()
+
+
 def truncate_all(url: str) -> None:
     """Empty every table (for tests whose writes are committed by another process)."""
     engine = create_engine(url)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.conftest import scalar
 from worker import apply
 from worker.security import verify_password
 
@@ -28,14 +29,6 @@ def outcome(cmd: apply.Command) -> str:
         return cmd.rejection.reason
     assert cmd.result is not None
     return str(cmd.result["outcome"])
-
-
-def scalar(url: str, sql: str) -> Any:
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        value = connection.execute(text(sql)).scalar()
-    engine.dispose()
-    return value
 
 
 @pytest.fixture

@@ -9,15 +9,8 @@ import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from tests.conftest import scalar
 from worker import db
-
-
-def scalar(url: str, sql: str, **params: Any) -> Any:
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        value = connection.execute(text(sql), params).scalar()
-    engine.dispose()
-    return value
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from alembic.config import Config
 from sqlalchemy import create_engine, text
 
 from alembic import command as alembic_command
-from tests.conftest import ROOT, TEST_ENV, truncate_all
+from tests.conftest import ROOT, TEST_ENV, scalar, truncate_all
 from worker.protocol import encode
 from worker.servers import EmbeddedPostgres, EmbeddedRedis
 
@@ -119,15 +119,6 @@ class Consumer:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.kill()
-
-
-def scalar(url: str, sql: str) -> Any:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(text(sql)).scalar()
-    finally:
-        engine.dispose()
 
 
 def publish(stack: Servers, commands: list[tuple[str, dict[str, Any]]]) -> None:
