@@ -10,7 +10,7 @@ import pytest
 import redis
 from celery import Celery, chain, chord, group
 
-from worker.protocol import canvas_problem, decode
+from worker.protocol import UndecodableMessage, canvas_problem, decode, encode
 
 
 @pytest.fixture
@@ -82,8 +82,6 @@ def test_no_canvas_is_no_problem_but_anything_else_is_still_looked_at() -> None:
 
 
 def test_a_base64_body_is_read_whole_or_wrapped_and_anything_else_is_refused() -> None:
-    from worker.protocol import UndecodableMessage, encode
-
     raw = encode("tags.create", {"data": {"name": "wrapped"}}, queue="q", task_id="t-1")
     envelope = json.loads(raw)
     body = envelope["body"]
